@@ -1,0 +1,40 @@
+# gpuaas: `make demo` runs one lease end to end; `make test` runs every test.
+# Both install what they need first (scripts/setup.sh).
+GO       ?= go
+VERSION  ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -X main.version=$(VERSION)
+TESTFLAGS ?=
+
+.PHONY: all setup build test unit lint proto demo bench clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./agent/cmd/gpuaas-agent ./controlplane/cmd/gpuaas-controlplane ./controlplane/cmd/gpuaasctl
+
+proto: setup
+	scripts/gen-proto.sh
+
+lint: setup
+	scripts/lint.sh
+
+# Every test, including the end-to-end test against real containerd. Root is
+# needed for containerd; in CI (CI=true) tests that cannot start their
+# components fail instead of skipping.
+test: setup lint
+	$(GO) test -race -count=1 -timeout 15m $(TESTFLAGS) ./...
+
+unit:
+	$(GO) test -short -count=1 ./...
+
+demo: setup build
+	$(GO) run ./test/cmd/demo -bin bin
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
+
+clean:
+	rm -rf bin

@@ -1,0 +1,228 @@
+// Command gpuaas-agent runs on every GPU host: it carves GPUs into MIG
+// partitions, runs each lease's workload in a containerd container bound to
+// its partition, and reports to the control plane over mTLS.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+
+	"github.com/gpuaas/gpuaas/agent/gpu"
+	"github.com/gpuaas/gpuaas/agent/gpu/sim"
+	"github.com/gpuaas/gpuaas/agent/lease"
+	"github.com/gpuaas/gpuaas/agent/partition"
+	"github.com/gpuaas/gpuaas/agent/runtime"
+	"github.com/gpuaas/gpuaas/agent/session"
+	"github.com/gpuaas/gpuaas/pkg/config"
+	"github.com/gpuaas/gpuaas/pkg/identity"
+	"github.com/gpuaas/gpuaas/pkg/sanitize"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// Config is the agent's configuration file.
+type Config struct {
+	// Node is this host's node name; it must match the SVID.
+	Node         string `yaml:"node"`
+	ControlPlane string `yaml:"control_plane"`
+	TrustDomain  string `yaml:"trust_domain"`
+	SVID         struct {
+		Cert   string `yaml:"cert"`
+		Key    string `yaml:"key"`
+		Bundle string `yaml:"bundle"`
+	} `yaml:"svid"`
+	DataDir    string `yaml:"data_dir"`
+	Containerd struct {
+		Address   string `yaml:"address"`
+		Namespace string `yaml:"namespace"`
+	} `yaml:"containerd"`
+	GPU struct {
+		// Backend is "sim" (simulated GPUs) or "nvml".
+		Backend string `yaml:"backend"`
+		Sim     struct {
+			GPUs []struct {
+				Model      string `yaml:"model"`
+				MIGEnabled bool   `yaml:"mig_enabled"`
+			} `yaml:"gpus"`
+		} `yaml:"sim"`
+	} `yaml:"gpu"`
+	// ImageArchives are OCI archives imported at start (air-gapped hosts).
+	ImageArchives []string        `yaml:"image_archives"`
+	StopGrace     config.Duration `yaml:"stop_grace"`
+	Log           struct {
+		Level string `yaml:"level"`
+		JSON  bool   `yaml:"json"`
+	} `yaml:"log"`
+
+	td    spiffeid.TrustDomain
+	level slog.Level
+}
+
+// Validate implements config.Validator.
+func (c *Config) Validate() error {
+	if err := identity.ValidateNodeName(c.Node); err != nil {
+		return config.FieldError("node", "%v", err)
+	}
+	if _, _, err := net.SplitHostPort(c.ControlPlane); err != nil {
+		return config.FieldError("control_plane", "must be host:port: %v", err)
+	}
+	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
+	if err != nil {
+		return config.FieldError("trust_domain", "%v", err)
+	}
+	c.td = td
+	for k, v := range map[string]string{"svid.cert": c.SVID.Cert, "svid.key": c.SVID.Key, "svid.bundle": c.SVID.Bundle} {
+		if v == "" {
+			return config.FieldError(k, "is required")
+		}
+	}
+	if c.DataDir == "" || !filepath.IsAbs(c.DataDir) {
+		return config.FieldError("data_dir", "must be an absolute path")
+	}
+	if c.Containerd.Address == "" {
+		c.Containerd.Address = "/run/containerd/containerd.sock"
+	}
+	if !filepath.IsAbs(c.Containerd.Address) {
+		return config.FieldError("containerd.address", "must be an absolute socket path")
+	}
+	if c.Containerd.Namespace == "" {
+		c.Containerd.Namespace = "gpuaas"
+	}
+	switch c.GPU.Backend {
+	case "sim":
+		if len(c.GPU.Sim.GPUs) == 0 {
+			return config.FieldError("gpu.sim.gpus", "at least one simulated GPU is required")
+		}
+	case "nvml":
+		return config.FieldError("gpu.backend", "the nvml backend is not built into this agent yet; use sim")
+	default:
+		return config.FieldError("gpu.backend", "must be sim or nvml")
+	}
+	for i, p := range c.ImageArchives {
+		if !filepath.IsAbs(p) {
+			return config.FieldError(fmt.Sprintf("image_archives[%d]", i), "must be an absolute path")
+		}
+	}
+	if c.StopGrace == 0 {
+		c.StopGrace = config.Duration(10 * time.Second)
+	}
+	if c.StopGrace.D() < 0 || c.StopGrace.D() > 10*time.Minute {
+		return config.FieldError("stop_grace", "must be between 0 and 10m")
+	}
+	if err := c.level.UnmarshalText([]byte(orDefault(c.Log.Level, "info"))); err != nil {
+		return config.FieldError("log.level", "must be debug, info, warn or error")
+	}
+	return nil
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+func main() {
+	cfgPath := flag.String("config", "/etc/gpuaas/agent.yaml", "configuration file")
+	showVersion := flag.Bool("version", false, "print the version and exit")
+	flag.Parse()
+	if *showVersion {
+		fmt.Println("gpuaas-agent", version)
+		return
+	}
+	var cfg Config
+	if err := config.Load(*cfgPath, &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "gpuaas-agent:", err)
+		os.Exit(2)
+	}
+	log := sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON).With("node", cfg.Node)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, &cfg, log); err != nil {
+		log.Error("agent stopped", "err", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
+	// Fail closed: no identity, no work.
+	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{
+		CertPath: cfg.SVID.Cert, KeyPath: cfg.SVID.Key, BundlePath: cfg.SVID.Bundle, TrustDomain: cfg.td, Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	self, err := identity.AgentID(cfg.td, cfg.Node)
+	if err != nil {
+		return err
+	}
+	if svid, err := src.GetX509SVID(); err != nil || svid.ID != self {
+		return fmt.Errorf("svid %s does not identify node %s (want %s)", cfg.SVID.Cert, cfg.Node, self)
+	}
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	backend, err := newBackend(cfg)
+	if err != nil {
+		return err
+	}
+	j, err := lease.OpenJournal(filepath.Join(cfg.DataDir, "journal.db"))
+	if err != nil {
+		return err
+	}
+	defer j.Close()
+	rt, err := runtime.NewContainerd(ctx, runtime.Config{Address: cfg.Containerd.Address, Namespace: cfg.Containerd.Namespace})
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
+	for _, a := range cfg.ImageArchives {
+		names, err := rt.ImportArchive(ctx, a)
+		if err != nil {
+			return fmt.Errorf("import image archive %s: %w", a, err)
+		}
+		log.Info("imported image archive", "path", a, "images", names)
+	}
+	logDir := filepath.Join(cfg.DataDir, "logs")
+	if err := os.MkdirAll(logDir, 0o750); err != nil {
+		return err
+	}
+	exec := lease.New(lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log})
+	cpID := identity.ControlPlaneID(cfg.td)
+	client := session.New(session.Options{
+		Address: cfg.ControlPlane, Node: cfg.Node, AgentVersion: version,
+		Creds:    identity.ClientCredentials(src, tlsconfig.AuthorizeID(cpID)),
+		Executor: exec, Journal: j, Logger: log,
+		Inventory: func(ctx context.Context) (*nodev1.Inventory, error) { return partition.Inventory(ctx, backend) },
+	})
+	log.Info("agent starting", "version", version, "control_plane", cfg.ControlPlane, "backend", cfg.GPU.Backend)
+	done := make(chan error, 1)
+	go func() { done <- exec.Run(ctx) }()
+	if err := client.Run(ctx); err != nil {
+		return err
+	}
+	return <-done
+}
+
+func newBackend(cfg *Config) (gpu.Backend, error) {
+	sc := sim.Config{StatePath: filepath.Join(cfg.DataDir, "sim-gpus.json"), ImmediateModeChange: true}
+	for _, g := range cfg.GPU.Sim.GPUs {
+		sc.GPUs = append(sc.GPUs, sim.GPUConfig{Model: g.Model, MIGEnabled: g.MIGEnabled})
+	}
+	return sim.New(sc)
+}

@@ -1,0 +1,431 @@
+// Package lease is the agent's executor: it converges the host to the
+// desired lease set (partition, container, start; at cancel or not_after,
+// stop, delete, destroy) and reports what it observes. It enforces a lease's
+// end on its own clock whatever the network does (fail closed), and it
+// journals every step so a restarted agent re-adopts its running containers.
+package lease
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/gpuaas/gpuaas/agent/gpu"
+	"github.com/gpuaas/gpuaas/agent/partition"
+	"github.com/gpuaas/gpuaas/agent/runtime"
+	"github.com/gpuaas/gpuaas/pkg/auditlog"
+	"github.com/gpuaas/gpuaas/pkg/mig"
+	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
+)
+
+// Options configures an executor.
+type Options struct {
+	Journal *Journal
+	GPU     gpu.Backend
+	Runtime runtime.Runtime
+	// LogDir receives one log file per lease's container.
+	LogDir string
+	// StopGrace is how long a workload gets between SIGTERM and SIGKILL.
+	StopGrace time.Duration
+	// Resync is how often every lease is re-checked (expiry, exits).
+	Resync time.Duration
+	Logger *slog.Logger
+	Now    func() time.Time
+}
+
+// Executor converges leases. Create it with New and call Run.
+type Executor struct {
+	o      Options
+	kick   chan struct{}
+	change chan struct{}
+
+	mu       sync.Mutex
+	inflight map[string]bool
+	wg       sync.WaitGroup
+}
+
+// New returns an executor.
+func New(o Options) *Executor {
+	if o.StopGrace == 0 {
+		o.StopGrace = 10 * time.Second
+	}
+	if o.Resync == 0 {
+		o.Resync = time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Executor{o: o, kick: make(chan struct{}, 1), change: make(chan struct{}, 1), inflight: map[string]bool{}}
+}
+
+// ContainerID is the container id of a lease.
+func ContainerID(leaseID string) string { return "gpuaas-" + leaseID }
+
+// Changes signals when the observed state changed (coalesced).
+func (e *Executor) Changes() <-chan struct{} { return e.change }
+
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// SetDesired journals a new desired set and starts converging to it.
+func (e *Executor) SetDesired(ds *agentv1.DesiredState) error {
+	changed, err := e.o.Journal.SetDesired(ds.GetGeneration(), ds.GetLeases())
+	if err != nil {
+		return fmt.Errorf("journal desired state: %w", err)
+	}
+	if changed {
+		signal(e.kick)
+	}
+	return nil
+}
+
+// Acked tells the executor the control plane recorded report seq.
+func (e *Executor) Acked(seq uint64) error {
+	gone, err := e.o.Journal.Prune(seq)
+	if len(gone) > 0 {
+		e.o.Logger.Debug("forgot acknowledged leases", "leases", gone)
+	}
+	return err
+}
+
+// Observed builds the next observed-state report.
+func (e *Executor) Observed() (*agentv1.ObservedState, error) {
+	seq, err := e.o.Journal.NextSequence()
+	if err != nil {
+		return nil, err
+	}
+	recs, err := e.o.Journal.Records()
+	if err != nil {
+		return nil, err
+	}
+	_, gen, err := e.o.Journal.Desired()
+	if err != nil {
+		return nil, err
+	}
+	obs := &agentv1.ObservedState{Sequence: seq, DesiredGeneration: gen}
+	ids := make([]string, 0, len(recs))
+	for id := range recs {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		r := recs[id]
+		st := &leasev1.LeaseStatus{MigUuid: r.MIGUUID, ContainerId: r.ContainerID, Exited: r.Exited, ExitCode: r.ExitCode}
+		if !r.StartTime.IsZero() {
+			st.StartTime = timestamppb.New(r.StartTime)
+		}
+		if !r.EndTime.IsZero() {
+			st.EndTime = timestamppb.New(r.EndTime)
+		}
+		obs.Leases = append(obs.Leases, &agentv1.ObservedLease{LeaseId: id, Phase: r.Phase, Reason: r.Reason, Status: st, UpdateTime: timestamppb.New(r.UpdateTime)})
+	}
+	return obs, nil
+}
+
+// Run converges until ctx ends. It first stops containers of ours that no
+// lease in the journal accounts for (fail closed), then works on every
+// lease on each kick and every Resync.
+func (e *Executor) Run(ctx context.Context) error {
+	if err := e.removeOrphans(ctx); err != nil {
+		e.o.Logger.Warn("orphan sweep failed", "err", err)
+	}
+	t := time.NewTicker(e.o.Resync)
+	defer t.Stop()
+	defer e.wg.Wait()
+	e.pass(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-e.kick:
+		case <-t.C:
+		}
+		e.pass(ctx)
+	}
+}
+
+// pass starts a converge step for every lease not already being worked on.
+func (e *Executor) pass(ctx context.Context) {
+	desired, _, err := e.o.Journal.Desired()
+	if err != nil {
+		e.o.Logger.Error("read desired state", "err", err)
+		return
+	}
+	recs, err := e.o.Journal.Records()
+	if err != nil {
+		e.o.Logger.Error("read lease records", "err", err)
+		return
+	}
+	ids := map[string]bool{}
+	for id := range desired {
+		ids[id] = true
+	}
+	for id, r := range recs {
+		if !terminal(r.Phase) {
+			ids[id] = true
+		}
+	}
+	for id := range ids {
+		e.mu.Lock()
+		busy := e.inflight[id]
+		e.inflight[id] = true
+		e.mu.Unlock()
+		if busy {
+			continue
+		}
+		e.wg.Add(1)
+		go func() {
+			defer e.wg.Done()
+			defer func() { e.mu.Lock(); delete(e.inflight, id); e.mu.Unlock() }()
+			if err := e.converge(ctx, id); err != nil && ctx.Err() == nil {
+				e.o.Logger.Warn("converge lease", "lease", id, "err", err)
+			}
+		}()
+	}
+}
+
+func event(action, leaseID, resource, outcome, reason string, details map[string]string, now time.Time) *agentv1.AuditEvent {
+	return &agentv1.AuditEvent{Time: timestamppb.New(now), Action: action, LeaseId: leaseID, Resource: resource, Outcome: outcome, Reason: reason, Details: details}
+}
+
+// save journals r (with events) and signals a change.
+func (e *Executor) save(r *Record, events ...*agentv1.AuditEvent) error {
+	r.UpdateTime = e.o.Now()
+	if err := e.o.Journal.Put(*r, events...); err != nil {
+		return fmt.Errorf("journal lease %s: %w", r.LeaseID, err)
+	}
+	signal(e.change)
+	return nil
+}
+
+// converge takes one lease as far towards its goal as it can go now.
+func (e *Executor) converge(ctx context.Context, id string) error {
+	desired, _, err := e.o.Journal.Desired()
+	if err != nil {
+		return err
+	}
+	r, ok, err := e.o.Journal.Record(id)
+	if err != nil {
+		return err
+	}
+	if ok && terminal(r.Phase) {
+		return nil
+	}
+	l, want := desired[id]
+	if !ok {
+		if !want {
+			return nil
+		}
+		r = Record{LeaseID: id, Phase: leasev1.Phase_PHASE_SCHEDULED}
+	}
+	now := e.o.Now()
+	switch {
+	case !want:
+		return e.teardown(ctx, &r, leasev1.Phase_PHASE_TERMINATED, "cancelled")
+	case !now.Before(l.GetNotAfter().AsTime()):
+		return e.teardown(ctx, &r, leasev1.Phase_PHASE_TERMINATED, "expired")
+	}
+	return e.provision(ctx, &r, l)
+}
+
+// failure classes that no retry will fix.
+func permanent(err error) bool {
+	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) ||
+		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec)
+}
+
+func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) error {
+	if r.Phase == leasev1.Phase_PHASE_SCHEDULED {
+		r.Phase, r.Reason = leasev1.Phase_PHASE_PROVISIONING, "provisioning"
+		if err := e.save(r); err != nil {
+			return err
+		}
+	}
+	p := l.GetPlacement()
+	var dev gpu.MIGDevice
+	if !r.HasCI {
+		want := partition.Want{GPUUUID: p.GetGpuUuid(), Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}}
+		h, err := partition.Ensure(ctx, e.o.GPU, want, func(gi int) error {
+			r.GPUUUID, r.GIID, r.HasGI = want.GPUUUID, gi, true
+			return e.save(r)
+		})
+		if err != nil {
+			return e.fail(ctx, r, err, "create partition")
+		}
+		r.CIID, r.HasCI, r.MIGUUID = h.CIID, true, h.Device.UUID
+		dev = h.Device
+		res := fmt.Sprintf("gpu/%s/gi/%d", want.GPUUUID, h.GIID)
+		if err := e.save(r, event("partition.create", r.LeaseID, res, auditlog.OutcomeSuccess, "",
+			map[string]string{"mig_uuid": h.Device.UUID, "profile": p.GetMigProfile(), "placement": want.Placement.String()}, e.o.Now())); err != nil {
+			return err
+		}
+	} else {
+		d, err := partition.Device(ctx, e.o.GPU, r.GPUUUID, r.GIID, r.CIID)
+		if err != nil {
+			return e.fail(ctx, r, err, "find partition")
+		}
+		dev = d
+	}
+
+	cid := ContainerID(r.LeaseID)
+	st, err := e.o.Runtime.Status(ctx, cid)
+	if errors.Is(err, runtime.ErrNotFound) {
+		w := l.GetSpec().GetWorkload()
+		env := make([]string, 0, len(w.GetEnv()))
+		for k, v := range w.GetEnv() {
+			env = append(env, k+"="+v)
+		}
+		sort.Strings(env)
+		r.ContainerID = cid
+		if err := e.save(r); err != nil {
+			return err
+		}
+		st, err = e.o.Runtime.Create(ctx, runtime.Spec{
+			ID: cid, LeaseID: r.LeaseID, Tenant: l.GetSpec().GetTenant(), Image: w.GetImage(), Args: w.GetArgs(), Env: env,
+			LogPath: filepath.Join(e.o.LogDir, r.LeaseID+".log"), Device: dev,
+			Limits: runtime.Limits{MemoryBytes: w.GetResources().GetMemoryBytes(), CPUMillis: w.GetResources().GetCpuMillis(), Pids: w.GetResources().GetPids()},
+		})
+	}
+	if err != nil {
+		return e.fail(ctx, r, err, "create container")
+	}
+	switch st.State {
+	case runtime.StateCreated, runtime.StateNoTask:
+		if st, err = e.o.Runtime.Start(ctx, cid); err != nil {
+			return e.fail(ctx, r, err, "start container")
+		}
+		if err := e.save(r, event("container.start", r.LeaseID, "container/"+cid, auditlog.OutcomeSuccess, "",
+			map[string]string{"image": l.GetSpec().GetWorkload().GetImage(), "mig_uuid": dev.UUID, "pid": fmt.Sprint(st.Pid)}, e.o.Now())); err != nil {
+			return err
+		}
+	}
+	switch st.State {
+	case runtime.StateRunning:
+		if r.Phase != leasev1.Phase_PHASE_RUNNING {
+			r.Phase, r.Reason = leasev1.Phase_PHASE_RUNNING, "running"
+			if r.StartTime.IsZero() {
+				r.StartTime = e.o.Now()
+			}
+			e.o.Logger.Info("lease running", "lease", r.LeaseID, "container", cid, "mig", dev.UUID)
+			return e.save(r)
+		}
+	case runtime.StateStopped:
+		r.Exited, r.ExitCode = true, int32(st.ExitCode)
+		if r.StartTime.IsZero() {
+			r.StartTime = e.o.Now()
+		}
+		phase := leasev1.Phase_PHASE_TERMINATED
+		if st.ExitCode != 0 {
+			phase = leasev1.Phase_PHASE_FAILED
+		}
+		return e.teardown(ctx, r, phase, fmt.Sprintf("exited with code %d", st.ExitCode))
+	}
+	return nil
+}
+
+// fail handles a provisioning error: transient ones are retried on the next
+// pass; permanent ones fail the lease and release what was created.
+func (e *Executor) fail(ctx context.Context, r *Record, err error, step string) error {
+	if !permanent(err) {
+		return fmt.Errorf("%s (will retry): %w", step, err)
+	}
+	e.o.Logger.Warn("lease failed", "lease", r.LeaseID, "step", step, "err", err)
+	_ = e.o.Journal.AddEvents(event("lease.provision", r.LeaseID, "lease/"+r.LeaseID, auditlog.OutcomeFailure, step+": "+reasonOf(err), nil, e.o.Now()))
+	return e.teardown(ctx, r, leasev1.Phase_PHASE_FAILED, step+": "+reasonOf(err))
+}
+
+// reasonOf is the part of an error safe to report upstream: its class.
+func reasonOf(err error) string {
+	for _, c := range []error{gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
+		runtime.ErrImageNotFound, runtime.ErrInvalidSpec, runtime.ErrNotFound} {
+		if errors.Is(err, c) {
+			return c.Error()
+		}
+	}
+	return "internal error"
+}
+
+// teardown stops and deletes the container, destroys the partition and
+// records the terminal phase. Every step is idempotent; on error the lease
+// stays TERMINATING and the next pass retries.
+func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase, reason string) error {
+	if r.Phase != leasev1.Phase_PHASE_TERMINATING {
+		r.Phase, r.Reason = leasev1.Phase_PHASE_TERMINATING, reason
+		if err := e.save(r); err != nil {
+			return err
+		}
+	}
+	if r.ContainerID != "" {
+		if !r.Exited {
+			if st, err := e.o.Runtime.Status(ctx, r.ContainerID); err == nil && st.State == runtime.StateStopped {
+				r.Exited, r.ExitCode = true, int32(st.ExitCode)
+			}
+		}
+		if err := e.o.Runtime.Stop(ctx, r.ContainerID, e.o.StopGrace); err != nil {
+			return fmt.Errorf("stop container %s: %w", r.ContainerID, err)
+		}
+		cid := r.ContainerID
+		r.ContainerID = ""
+		if err := e.save(r, event("container.stop", r.LeaseID, "container/"+cid, auditlog.OutcomeSuccess, reason, nil, e.o.Now())); err != nil {
+			return err
+		}
+		r.ContainerID = cid // keep it in the report
+	}
+	if r.HasGI {
+		if err := partition.Destroy(ctx, e.o.GPU, r.GPUUUID, r.GIID); err != nil {
+			return fmt.Errorf("destroy partition: %w", err)
+		}
+		r.HasGI, r.HasCI = false, false
+		if err := e.save(r, event("partition.destroy", r.LeaseID, fmt.Sprintf("gpu/%s/gi/%d", r.GPUUUID, r.GIID), auditlog.OutcomeSuccess, reason,
+			map[string]string{"mig_uuid": r.MIGUUID}, e.o.Now())); err != nil {
+			return err
+		}
+	}
+	r.Phase, r.Reason, r.EndTime = final, reason, e.o.Now()
+	if !strings.HasPrefix(reason, "exited") && r.Exited {
+		r.Reason = fmt.Sprintf("%s (workload had exited with code %d)", reason, r.ExitCode)
+	}
+	e.o.Logger.Info("lease ended", "lease", r.LeaseID, "phase", strings.TrimPrefix(final.String(), "PHASE_"), "reason", r.Reason)
+	return e.save(r)
+}
+
+// removeOrphans stops our containers that no journaled lease accounts for.
+func (e *Executor) removeOrphans(ctx context.Context) error {
+	list, err := e.o.Runtime.List(ctx)
+	if err != nil {
+		return err
+	}
+	recs, err := e.o.Journal.Records()
+	if err != nil {
+		return err
+	}
+	for _, st := range list {
+		if r, ok := recs[st.LeaseID]; ok && r.ContainerID == st.ID && !terminal(r.Phase) {
+			continue
+		}
+		e.o.Logger.Warn("removing orphan container", "container", st.ID, "lease", st.LeaseID)
+		if err := e.o.Runtime.Stop(ctx, st.ID, e.o.StopGrace); err != nil {
+			return fmt.Errorf("stop orphan %s: %w", st.ID, err)
+		}
+		if err := e.o.Journal.AddEvents(event("container.orphan_removed", st.LeaseID, "container/"+st.ID, auditlog.OutcomeSuccess, "no lease accounts for it", nil, e.o.Now())); err != nil {
+			return err
+		}
+	}
+	return nil
+}

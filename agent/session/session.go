@@ -1,0 +1,223 @@
+// Package session keeps the agent's one stream to the control plane: it
+// dials out over mTLS, says hello with the node's inventory, hands desired
+// state to the executor, and sends observed state, heartbeats and the audit
+// outbox. It reconnects with jittered exponential backoff; the executor
+// keeps enforcing the journaled state while it is away.
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/gpuaas/gpuaas/agent/lease"
+	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
+)
+
+// Options configures the client.
+type Options struct {
+	Address      string // control plane host:port
+	Node         string
+	AgentVersion string
+	Creds        credentials.TransportCredentials
+	Executor     *lease.Executor
+	Journal      *lease.Journal
+	Inventory    func(context.Context) (*nodev1.Inventory, error)
+	Logger       *slog.Logger
+	// Heartbeat is the heartbeat interval (default 5s); Report the longest
+	// time between observed-state reports (default 10s).
+	Heartbeat time.Duration
+	Report    time.Duration
+	// MaxBackoff caps the reconnect delay (default 30s).
+	MaxBackoff time.Duration
+}
+
+// Client is the agent's side of the session.
+type Client struct {
+	o Options
+}
+
+// New returns a client.
+func New(o Options) *Client {
+	if o.Heartbeat == 0 {
+		o.Heartbeat = 5 * time.Second
+	}
+	if o.Report == 0 {
+		o.Report = 10 * time.Second
+	}
+	if o.MaxBackoff == 0 {
+		o.MaxBackoff = 30 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Client{o: o}
+}
+
+// Run keeps a session open until ctx ends.
+func (c *Client) Run(ctx context.Context) error {
+	conn, err := grpc.NewClient(c.o.Address,
+		grpc.WithTransportCredentials(c.o.Creds),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	if err != nil {
+		return fmt.Errorf("control plane client for %s: %w", c.o.Address, err)
+	}
+	defer conn.Close()
+	client := agentv1.NewAgentServiceClient(conn)
+
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 200 * time.Millisecond
+	bo.MaxInterval = c.o.MaxBackoff
+	for {
+		start := time.Now()
+		err := c.session(ctx, client)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) > 30*time.Second {
+			bo.Reset()
+		}
+		wait := bo.NextBackOff()
+		c.o.Logger.Warn("session ended, reconnecting", "err", err, "in", wait.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+// session runs one stream until it fails.
+func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := client.Session(ctx)
+	if err != nil {
+		return fmt.Errorf("open session: %w", err)
+	}
+	inv, err := c.o.Inventory(ctx)
+	if err != nil {
+		return fmt.Errorf("read inventory: %w", err)
+	}
+	if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Hello{Hello: &agentv1.Hello{
+		NodeId: c.o.Node, AgentVersion: c.o.AgentVersion, Inventory: inv}}}); err != nil {
+		return fmt.Errorf("send hello: %w", err)
+	}
+
+	recvd := make(chan *agentv1.SessionResponse, 8)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case recvd <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+
+	heartbeat := time.NewTicker(c.o.Heartbeat)
+	defer heartbeat.Stop()
+	report := time.NewTicker(c.o.Report)
+	defer report.Stop()
+	sendObserved := func() error {
+		obs, err := c.o.Executor.Observed()
+		if err != nil {
+			return err
+		}
+		if obs.Inventory, err = c.o.Inventory(ctx); err != nil {
+			return err
+		}
+		return stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Observed{Observed: obs}})
+	}
+	// auditInFlight: a batch was sent and not yet acked; the next batch
+	// waits for the ack (or the report timer, which resends).
+	auditInFlight := false
+	sendAudit := func() error {
+		events, err := c.o.Journal.PendingEvents(256)
+		if err != nil || len(events) == 0 {
+			auditInFlight = false
+			return err
+		}
+		auditInFlight = true
+		return stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Audit{Audit: &agentv1.AuditEvents{Events: events}}})
+	}
+	if err := sendObserved(); err != nil {
+		return err
+	}
+	if err := sendAudit(); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-recvErr:
+			if errors.Is(err, io.EOF) {
+				return errors.New("control plane closed the session")
+			}
+			return err
+		case m := <-recvd:
+			switch msg := m.GetMsg().(type) {
+			case *agentv1.SessionResponse_Desired:
+				c.o.Logger.Debug("desired state", "generation", msg.Desired.GetGeneration(), "leases", len(msg.Desired.GetLeases()))
+				if err := c.o.Executor.SetDesired(msg.Desired); err != nil {
+					return err
+				}
+			case *agentv1.SessionResponse_Ack:
+				if ids := msg.Ack.GetAuditEventIds(); len(ids) > 0 {
+					if err := c.o.Journal.AckEvents(ids); err != nil {
+						return err
+					}
+					if err := sendAudit(); err != nil {
+						return err
+					}
+				}
+				if seq := msg.Ack.GetObservedSequence(); seq > 0 {
+					if err := c.o.Executor.Acked(seq); err != nil {
+						return err
+					}
+				}
+			case *agentv1.SessionResponse_Challenge:
+				// Attestation evidence is not produced yet.
+			}
+		case <-c.o.Executor.Changes():
+			if err := sendObserved(); err != nil {
+				return err
+			}
+			if !auditInFlight {
+				if err := sendAudit(); err != nil {
+					return err
+				}
+			}
+		case <-report.C:
+			if err := sendObserved(); err != nil {
+				return err
+			}
+			// Resend unacknowledged events: the receiver deduplicates.
+			if err := sendAudit(); err != nil {
+				return err
+			}
+		case <-heartbeat.C:
+			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Heartbeat{Heartbeat: &agentv1.Heartbeat{Time: timestamppb.Now()}}}); err != nil {
+				return err
+			}
+		}
+	}
+}

@@ -1,0 +1,246 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/peer"
+
+	"github.com/gpuaas/gpuaas/controlplane/audit"
+	"github.com/gpuaas/gpuaas/controlplane/fleet"
+	"github.com/gpuaas/gpuaas/controlplane/lease"
+	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/auditlog"
+	"github.com/gpuaas/gpuaas/pkg/errs"
+	"github.com/gpuaas/gpuaas/pkg/identity"
+	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+)
+
+// Limits on what an agent may send in one message.
+const (
+	maxAuditBatch     = 512
+	maxObservedLeases = 4096
+)
+
+// AgentServer serves gpuaas.agent.v1.AgentService.
+type AgentServer struct {
+	agentv1.UnimplementedAgentServiceServer
+	Fleet  *fleet.Registry
+	Leases *lease.Service
+	Store  store.Store
+	Log    *slog.Logger
+	// HelloTimeout bounds the wait for the first message (default 10s).
+	HelloTimeout time.Duration
+}
+
+type recvResult struct {
+	msg *agentv1.SessionRequest
+	err error
+}
+
+// Session runs one agent's session: hello, then desired state out and
+// observed state, heartbeats and audit events in, until either side ends.
+func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
+	ctx := stream.Context()
+	c, err := caller(ctx)
+	if err != nil {
+		return err
+	}
+	id, err := identity.PeerID(ctx)
+	if err != nil {
+		return errs.New(errs.ErrUnauthenticated, "NO_PEER_IDENTITY", "a SPIFFE X.509 SVID is required")
+	}
+	node, ok := identity.ParseAgentNode(id)
+	if !ok {
+		return errs.PermissionDenied("NOT_AN_AGENT", "only agents may open a session")
+	}
+
+	msgs := make(chan recvResult, 16)
+	go func() {
+		for {
+			m, err := stream.Recv()
+			select {
+			case msgs <- recvResult{m, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+
+	timeout := s.HelloTimeout
+	if timeout == 0 {
+		timeout = 10 * time.Second
+	}
+	var hello *agentv1.Hello
+	select {
+	case r := <-msgs:
+		if r.err != nil {
+			return r.err
+		}
+		hello = r.msg.GetHello()
+	case <-time.After(timeout):
+		return errs.New(errs.ErrDeadlineExceeded, "NO_HELLO", "no hello received")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if hello == nil {
+		return errs.InvalidArgument("hello", "the first message of a session must be a hello")
+	}
+	if hello.GetNodeId() != node {
+		// An agent may speak only for its own node.
+		aerr := s.Store.Update(ctx, func(tx store.Tx) error {
+			_, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Action: "session.hello", Resource: "node/" + node,
+				Outcome: auditlog.OutcomeDenied, Reason: "hello claims another node", Details: map[string]string{"claimed": truncate(hello.GetNodeId(), 64)}})
+			return err
+		})
+		if aerr != nil {
+			s.Log.Error("audit denied hello", "err", aerr)
+		}
+		return errs.PermissionDenied("NODE_MISMATCH", "an agent may speak only for its own node")
+	}
+	remote := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		remote = p.Addr.String()
+	}
+	sess, err := s.Fleet.Connect(ctx, node, c.ID, remote, hello.GetAgentVersion(), hello.GetInventory())
+	if err != nil {
+		return err
+	}
+	defer s.Fleet.Disconnect(context.WithoutCancel(ctx), sess)
+	// New capacity may let pending leases be placed.
+	if err := s.Leases.Tick(ctx); err != nil {
+		s.Log.Warn("tick after connect", "err", err)
+	}
+
+	var sentGen uint64
+	sendDesired := func(force bool) error {
+		ds, err := s.Leases.DesiredState(ctx, node)
+		if err != nil {
+			return err
+		}
+		if !force && ds.GetGeneration() == sentGen {
+			return nil
+		}
+		sentGen = ds.GetGeneration()
+		return stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_Desired{Desired: ds}})
+	}
+	if err := sendDesired(true); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-sess.Replaced:
+			return errs.New(errs.ErrAborted, "SESSION_REPLACED", fleet.ErrReplaced.Error())
+		case <-sess.Wake:
+			if err := sendDesired(false); err != nil {
+				return err
+			}
+		case r := <-msgs:
+			if r.err != nil {
+				if errors.Is(r.err, context.Canceled) {
+					return nil
+				}
+				return r.err
+			}
+			if err := s.handle(ctx, c, node, sess, stream, r.msg); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (s *AgentServer) handle(ctx context.Context, c lease.Caller, node string, sess *fleet.Session, stream agentv1.AgentService_SessionServer, m *agentv1.SessionRequest) error {
+	switch msg := m.GetMsg().(type) {
+	case *agentv1.SessionRequest_Heartbeat:
+		return s.Fleet.Seen(ctx, sess, nil)
+	case *agentv1.SessionRequest_Observed:
+		obs := msg.Observed
+		if len(obs.GetLeases()) > maxObservedLeases {
+			return errs.InvalidArgument("observed.leases", "at most %d leases", maxObservedLeases)
+		}
+		if err := s.Fleet.Seen(ctx, sess, obs.GetInventory()); err != nil {
+			return err
+		}
+		if err := s.Leases.Observe(ctx, c, node, obs); err != nil {
+			return err
+		}
+		return stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_Ack{Ack: &agentv1.Ack{ObservedSequence: obs.GetSequence()}}})
+	case *agentv1.SessionRequest_Audit:
+		ids, err := s.appendAgentEvents(ctx, c, node, msg.Audit.GetEvents())
+		if err != nil {
+			return err
+		}
+		return stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_Ack{Ack: &agentv1.Ack{AuditEventIds: ids}}})
+	case *agentv1.SessionRequest_Hello:
+		return errs.InvalidArgument("hello", "only the first message may be a hello")
+	case *agentv1.SessionRequest_ChallengeResponse:
+		return nil // attestation is not verified yet; the contract carries it
+	default:
+		return errs.InvalidArgument("msg", "empty or unknown session message")
+	}
+}
+
+// appendAgentEvents appends the agent's audit events with the agent as the
+// actor, once each (the agent resends until acked).
+func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, node string, events []*agentv1.AuditEvent) ([]string, error) {
+	if len(events) > maxAuditBatch {
+		return nil, errs.InvalidArgument("audit.events", "at most %d events a batch", maxAuditBatch)
+	}
+	for _, e := range events {
+		if id := e.GetId(); id == "" || len(id) > 128 {
+			return nil, errs.InvalidArgument("audit.events.id", "1-128 characters required")
+		}
+		if len(e.GetDetails()) > 32 || len(e.GetAction()) > 64 || len(e.GetResource()) > 256 || len(e.GetReason()) > 1024 {
+			return nil, errs.InvalidArgument("audit.events", "event %s is too large", e.GetId())
+		}
+	}
+	var ids []string
+	err := s.Store.Update(ctx, func(tx store.Tx) error {
+		ids = ids[:0]
+		for _, e := range events {
+			key := "agent-event/" + node + "/" + e.GetId()
+			if _, err := tx.Get(store.BucketIdempotency, key); err == nil {
+				ids = append(ids, e.GetId())
+				continue
+			} else if !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+			details := map[string]string{"node": node, "agent_event_id": e.GetId(), "agent_time": e.GetTime().AsTime().UTC().Format(time.RFC3339Nano)}
+			for k, v := range e.GetDetails() {
+				details[k] = truncate(v, 256)
+			}
+			res := e.GetResource()
+			if res == "" && e.GetLeaseId() != "" {
+				res = "lease/" + e.GetLeaseId()
+			}
+			if _, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Action: "agent." + e.GetAction(), Resource: res,
+				Outcome: e.GetOutcome(), Reason: e.GetReason(), Details: details}); err != nil {
+				return err
+			}
+			if err := tx.Put(store.BucketIdempotency, key, []byte{1}); err != nil {
+				return err
+			}
+			ids = append(ids, e.GetId())
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("append agent audit events: %w", err)
+	}
+	return ids, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}

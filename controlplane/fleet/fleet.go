@@ -1,0 +1,208 @@
+// Package fleet tracks the control plane's nodes: their live agent sessions,
+// inventories and liveness. It answers the scheduler's "which nodes can take
+// work" and wakes a node's session when its desired state changes. It never
+// changes leases.
+package fleet
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/gpuaas/gpuaas/controlplane/lease"
+	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/errs"
+	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
+)
+
+// Session is one connected agent.
+type Session struct {
+	Node         string
+	PeerID       string
+	RemoteAddr   string
+	AgentVersion string
+	ConnectedAt  time.Time
+
+	mu        sync.Mutex
+	inventory *nodev1.Inventory
+	lastSeen  time.Time
+
+	// Wake receives a value when the node's desired state may have changed
+	// (coalesced: one pending wake at most).
+	Wake chan struct{}
+	// Replaced is closed when a newer session for the same node takes over.
+	Replaced chan struct{}
+}
+
+// Registry is the set of nodes and their sessions.
+type Registry struct {
+	st  store.Store
+	log *slog.Logger
+	now func() time.Time
+
+	mu       sync.Mutex
+	sessions map[string]*Session
+}
+
+// New returns an empty registry backed by st (node records persist there).
+func New(st store.Store, log *slog.Logger) *Registry {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Registry{st: st, log: log, now: time.Now, sessions: map[string]*Session{}}
+}
+
+var _ lease.Fleet = (*Registry)(nil)
+
+// Connect registers a session for node, replacing (and signalling) any
+// older one.
+func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version string, inv *nodev1.Inventory) (*Session, error) {
+	now := r.now()
+	s := &Session{Node: node, PeerID: peerID, RemoteAddr: remote, AgentVersion: version, ConnectedAt: now,
+		inventory: inv, lastSeen: now, Wake: make(chan struct{}, 1), Replaced: make(chan struct{})}
+	if err := r.persist(ctx, s); err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	if old := r.sessions[node]; old != nil {
+		close(old.Replaced)
+	}
+	r.sessions[node] = s
+	r.mu.Unlock()
+	r.log.Info("agent connected", "node", node, "peer", peerID, "remote", remote, "gpus", len(inv.GetGpus()))
+	return s, nil
+}
+
+// Disconnect removes s if it is still the node's current session.
+func (r *Registry) Disconnect(ctx context.Context, s *Session) {
+	r.mu.Lock()
+	current := r.sessions[s.Node] == s
+	if current {
+		delete(r.sessions, s.Node)
+	}
+	r.mu.Unlock()
+	if current {
+		if err := r.persist(ctx, s); err != nil {
+			r.log.Warn("persist node on disconnect", "node", s.Node, "err", err)
+		}
+		r.log.Info("agent disconnected", "node", s.Node)
+	}
+}
+
+// Seen records liveness and, if inv is not nil, a fresh inventory.
+func (r *Registry) Seen(ctx context.Context, s *Session, inv *nodev1.Inventory) error {
+	s.mu.Lock()
+	s.lastSeen = r.now()
+	if inv != nil {
+		s.inventory = inv
+	}
+	s.mu.Unlock()
+	if inv != nil {
+		return r.persist(ctx, s)
+	}
+	return nil
+}
+
+func (r *Registry) persist(ctx context.Context, s *Session) error {
+	s.mu.Lock()
+	n := &nodev1.Node{Id: s.Node, Inventory: s.inventory, LastSeen: timestamppb.New(s.lastSeen)}
+	s.mu.Unlock()
+	raw, err := proto.Marshal(n)
+	if err != nil {
+		return err
+	}
+	return r.st.Update(ctx, func(tx store.Tx) error { return tx.Put(store.BucketNodes, s.Node, raw) })
+}
+
+// ConnectedNodes implements lease.Fleet.
+func (r *Registry) ConnectedNodes() []lease.NodeView {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]lease.NodeView, 0, len(r.sessions))
+	for _, s := range r.sessions {
+		s.mu.Lock()
+		out = append(out, lease.NodeView{ID: s.Node, GPUs: s.inventory.GetGpus()})
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// Notify implements lease.Fleet.
+func (r *Registry) Notify(node string) {
+	r.mu.Lock()
+	s := r.sessions[node]
+	r.mu.Unlock()
+	if s == nil {
+		return
+	}
+	select {
+	case s.Wake <- struct{}{}:
+	default:
+	}
+}
+
+// Nodes lists every node ever seen, with live session and capacity.
+func (r *Registry) Nodes(ctx context.Context, live []*leasev1.Lease) ([]*nodev1.Node, error) {
+	var out []*nodev1.Node
+	err := r.st.View(ctx, func(tx store.Tx) error {
+		return tx.Scan(store.BucketNodes, "", false, func(k string, v []byte) error {
+			n := &nodev1.Node{}
+			if err := proto.Unmarshal(v, n); err != nil {
+				return err
+			}
+			out = append(out, n)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	for _, n := range out {
+		if s := r.sessions[n.GetId()]; s != nil {
+			s.mu.Lock()
+			n.Connected = true
+			n.Inventory = s.inventory
+			n.LastSeen = timestamppb.New(s.lastSeen)
+			s.mu.Unlock()
+			n.Session = &nodev1.Session{PeerId: s.PeerID, RemoteAddr: s.RemoteAddr, ConnectTime: timestamppb.New(s.ConnectedAt), AgentVersion: s.AgentVersion}
+		}
+	}
+	r.mu.Unlock()
+	for _, n := range out {
+		var mine []*leasev1.Lease
+		for _, l := range live {
+			if l.GetPlacement().GetNode() == n.GetId() {
+				mine = append(mine, l)
+			}
+		}
+		n.LeaseCount = uint32(len(mine))
+		n.Capacity = lease.Capacity(lease.NodeView{ID: n.GetId(), GPUs: n.GetInventory().GetGpus()}, mine)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].GetId() < out[j].GetId() })
+	return out, nil
+}
+
+// Node returns one node.
+func (r *Registry) Node(ctx context.Context, id string, live []*leasev1.Lease) (*nodev1.Node, error) {
+	nodes, err := r.Nodes(ctx, live)
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range nodes {
+		if n.GetId() == id {
+			return n, nil
+		}
+	}
+	return nil, errs.NotFound("NODE_NOT_FOUND", "node %s not found", id)
+}
+
+// ErrReplaced is returned to a session superseded by a newer one.
+var ErrReplaced = errors.New("session replaced by a newer one")

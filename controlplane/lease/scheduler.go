@@ -1,0 +1,116 @@
+package lease
+
+import (
+	"sort"
+
+	"github.com/gpuaas/gpuaas/pkg/errs"
+	"github.com/gpuaas/gpuaas/pkg/mig"
+	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
+)
+
+// NodeView is what the scheduler knows of a connected node.
+type NodeView struct {
+	ID   string
+	GPUs []*nodev1.Gpu
+}
+
+// errNoCapacity is returned when no connected node can hold the request
+// now; the lease stays PENDING and is retried.
+var errNoCapacity = errs.ResourceExhausted("NO_CAPACITY", "no connected node has capacity for the request")
+
+// modelOf finds the MIG model of a reported GPU: by PCI device id first
+// (names drift between drivers), then by name.
+func modelOf(g *nodev1.Gpu) (mig.Model, bool) {
+	if m, ok := mig.ModelByPCIDeviceID(g.GetPciDeviceId()); ok {
+		return m, true
+	}
+	return mig.ModelByName(g.GetModel())
+}
+
+// instancesOn is every partition on a GPU: those our live leases hold (even
+// if not created yet) and those the node reports (which may include
+// partitions an operator made by hand).
+func instancesOn(g *nodev1.Gpu, live []*leasev1.Lease) []mig.Instance {
+	seen := map[mig.Instance]bool{}
+	var out []mig.Instance
+	add := func(in mig.Instance) {
+		if !seen[in] {
+			seen[in] = true
+			out = append(out, in)
+		}
+	}
+	for _, l := range live {
+		p := l.GetPlacement()
+		if p.GetGpuUuid() == g.GetUuid() {
+			add(mig.Instance{Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}})
+		}
+	}
+	for _, in := range g.GetInstances() {
+		add(mig.Instance{Profile: mig.ProfileID(in.GetProfileId()), Placement: mig.Placement{Start: int(in.GetStart()), Size: int(in.GetSize())}})
+	}
+	return out
+}
+
+// Place chooses a node, GPU and MIG placement for the request: the first
+// node (by id) and GPU (by index) that can take it, and on that GPU the
+// planner's least-fragmenting placement.
+func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*leasev1.Placement, error) {
+	profileName := req.GetMigProfile()
+	if profileName == "" {
+		return nil, errs.New(errs.ErrUnimplemented, "WHOLE_GPU_UNSUPPORTED", "whole-GPU leases are not schedulable yet")
+	}
+	sorted := append([]NodeView(nil), nodes...)
+	sort.Slice(sorted, func(i, j int) bool { return sorted[i].ID < sorted[j].ID })
+	for _, n := range sorted {
+		if req.GetNode() != "" && req.GetNode() != n.ID {
+			continue
+		}
+		gpus := append([]*nodev1.Gpu(nil), n.GPUs...)
+		sort.Slice(gpus, func(i, j int) bool { return gpus[i].GetIndex() < gpus[j].GetIndex() })
+		for _, g := range gpus {
+			if !g.GetMigEnabled() || (req.GetGpuModel() != "" && req.GetGpuModel() != g.GetModel()) {
+				continue
+			}
+			model, ok := modelOf(g)
+			if !ok {
+				continue
+			}
+			prof, ok := model.ProfileByName(profileName)
+			if !ok {
+				continue
+			}
+			at, err := model.Place(instancesOn(g, live), prof.ID)
+			if err != nil {
+				continue
+			}
+			return &leasev1.Placement{
+				Node: n.ID, GpuUuid: g.GetUuid(), GpuModel: g.GetModel(), MigProfile: prof.Name,
+				ProfileId: int32(prof.ID), Start: uint32(at.Start), Size: uint32(at.Size),
+			}, nil
+		}
+	}
+	return nil, errNoCapacity
+}
+
+// Capacity is how many more partitions of each profile fit on each GPU of a
+// node, given its live leases.
+func Capacity(n NodeView, live []*leasev1.Lease) []*nodev1.GpuCapacity {
+	var out []*nodev1.GpuCapacity
+	for _, g := range n.GPUs {
+		c := &nodev1.GpuCapacity{GpuUuid: g.GetUuid(), Model: g.GetModel()}
+		for _, l := range live {
+			if l.GetPlacement().GetGpuUuid() == g.GetUuid() {
+				c.Leases++
+			}
+		}
+		if model, ok := modelOf(g); ok && g.GetMigEnabled() {
+			existing := instancesOn(g, live)
+			for _, p := range model.Profiles {
+				c.Profiles = append(c.Profiles, &nodev1.ProfileCapacity{Name: p.Name, Id: int32(p.ID), Free: uint32(model.Remaining(existing, p.ID))})
+			}
+		}
+		out = append(out, c)
+	}
+	return out
+}

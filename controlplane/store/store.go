@@ -1,0 +1,62 @@
+// Package store is the control plane's state store: short transactions over
+// keyed records in named buckets, with prefix scans. bbolt is the embedded
+// default; an etcd backend (for HA) implements the same interface.
+//
+// A store never interprets values; the lease, fleet and audit packages own
+// their encodings. Nothing outside an Update transaction may change state,
+// so a state change and its audit entry always commit together.
+package store
+
+import (
+	"context"
+	"errors"
+)
+
+// Buckets. Every bucket a backend holds is listed here.
+const (
+	BucketMeta        = "meta"        // schema_version, revision, audit head
+	BucketLeases      = "leases"      // lease id -> gpuaas.lease.v1.Lease (proto)
+	BucketIdempotency = "idempotency" // caller \x00 key -> idempotency record (JSON)
+	BucketAudit       = "audit"       // %020d seq -> auditlog.Entry (JSON)
+	BucketNodes       = "nodes"       // node id -> node record (proto)
+)
+
+// Buckets is every bucket, created when a store is opened.
+var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes}
+
+// Errors.
+var (
+	// ErrNotFound: no value at the key.
+	ErrNotFound = errors.New("store: key not found")
+	// ErrLocked: another process holds the store.
+	ErrLocked = errors.New("store: locked by another process")
+	// ErrSchema: the store's schema is newer than this binary or corrupt.
+	ErrSchema = errors.New("store: unsupported schema")
+	// ErrUnknownBucket: a bucket not in Buckets.
+	ErrUnknownBucket = errors.New("store: unknown bucket")
+	// ErrStopScan may be returned by a Scan callback to stop early without
+	// an error.
+	ErrStopScan = errors.New("store: stop scan")
+)
+
+// Store runs transactions. Implementations are safe for concurrent use.
+type Store interface {
+	// View runs fn in a read-only transaction.
+	View(ctx context.Context, fn func(Tx) error) error
+	// Update runs fn in a read-write transaction and commits durably if fn
+	// returns nil. fn may be called more than once (group commit retries), so
+	// it must not have side effects outside the transaction.
+	Update(ctx context.Context, fn func(Tx) error) error
+	Close() error
+}
+
+// Tx is one transaction. Values returned are copies, valid after the
+// transaction ends.
+type Tx interface {
+	Get(bucket, key string) ([]byte, error)
+	Put(bucket, key string, value []byte) error
+	Delete(bucket, key string) error
+	// Scan calls fn for each key with the prefix, in key order. Reverse
+	// scans in descending order.
+	Scan(bucket, prefix string, reverse bool, fn func(key string, value []byte) error) error
+}

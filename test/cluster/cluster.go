@@ -1,0 +1,407 @@
+// Package cluster runs a whole gpuaas installation on one machine for the
+// end-to-end test and the demo: a private containerd, a development PKI, the
+// control plane and agents as real processes (the built binaries), and an
+// operator's gRPC clients. Everything it starts, Close stops and removes.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"google.golang.org/grpc"
+
+	"github.com/gpuaas/gpuaas/pkg/identity"
+	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
+	"github.com/gpuaas/gpuaas/test/harness"
+	"github.com/gpuaas/gpuaas/test/ociimage"
+)
+
+// TrustDomain of every cluster.
+const TrustDomain = "gpuaas.test"
+
+// ImageName is the workload image every cluster imports.
+const ImageName = "localhost/gpuaas/busybox:demo"
+
+// Options configure a cluster.
+type Options struct {
+	// Dir holds everything; a new temporary directory if empty.
+	Dir string
+	// BinDir holds gpuaas-agent, gpuaas-controlplane and gpuaasctl.
+	BinDir string
+	// Agents maps node names to their simulated GPU models.
+	Agents map[string][]string
+	// StopGrace is the agents' SIGTERM-to-SIGKILL grace.
+	StopGrace time.Duration
+	// LogLevel of the daemons (default "info").
+	LogLevel string
+}
+
+// Proc is one daemon process.
+type Proc struct {
+	Name    string
+	LogPath string
+	cmd     *exec.Cmd
+	done    chan struct{}
+	err     error
+}
+
+// Running reports whether the process has not exited.
+func (p *Proc) Running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// Cluster is a running installation.
+type Cluster struct {
+	opts       Options
+	Dir        string
+	ownDir     bool
+	PKI        *identity.DevPKI
+	Containerd *harness.Containerd
+	CPAddr     string
+	Image      ociimage.Image
+
+	mu     sync.Mutex
+	cp     *Proc
+	agents map[string]*Proc
+	conns  []*grpc.ClientConn
+	srcs   []*identity.FileSource
+}
+
+// Start brings up containerd, the PKI, the control plane and every agent.
+func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
+	if opts.LogLevel == "" {
+		opts.LogLevel = "warn"
+	}
+	if opts.StopGrace == 0 {
+		opts.StopGrace = 2 * time.Second
+	}
+	c := &Cluster{opts: opts, Dir: opts.Dir, agents: map[string]*Proc{}}
+	if c.Dir == "" {
+		if c.Dir, err = os.MkdirTemp("", "gpuaas-e2e-"); err != nil {
+			return nil, err
+		}
+		c.ownDir = true
+	}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	for _, b := range []string{"gpuaas-agent", "gpuaas-controlplane", "gpuaasctl"} {
+		if _, err := os.Stat(filepath.Join(opts.BinDir, b)); err != nil {
+			return nil, fmt.Errorf("binary %s: %w", b, err)
+		}
+	}
+	if c.Containerd, err = harness.StartContainerd(ctx, harness.Options{Dir: filepath.Join(c.Dir, "containerd")}); err != nil {
+		return nil, fmt.Errorf("start containerd: %w", err)
+	}
+	bb, err := ociimage.FindBusybox()
+	if err != nil {
+		return nil, err
+	}
+	if c.Image, err = ociimage.WriteArchiveFile(filepath.Join(c.Dir, "image.tar"), ociimage.Options{Name: ImageName, BusyboxPath: bb}); err != nil {
+		return nil, fmt.Errorf("build image: %w", err)
+	}
+	var nodes []string
+	for n := range opts.Agents {
+		nodes = append(nodes, n)
+	}
+	if c.PKI, err = identity.WriteDevPKI(filepath.Join(c.Dir, "pki"), identity.DevPKIOptions{TrustDomain: TrustDomain, Agents: nodes, Operators: []string{"admin"}}); err != nil {
+		return nil, fmt.Errorf("dev pki: %w", err)
+	}
+	if c.CPAddr, err = freeAddr(); err != nil {
+		return nil, err
+	}
+	if err := c.StartControlPlane(ctx); err != nil {
+		return nil, err
+	}
+	for _, n := range nodes {
+		if err := c.StartAgent(ctx, n); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// CPDataDir is the control plane's data directory.
+func (c *Cluster) CPDataDir() string { return filepath.Join(c.Dir, "controlplane") }
+
+// AgentDataDir is an agent's data directory.
+func (c *Cluster) AgentDataDir(node string) string { return filepath.Join(c.Dir, "agent-"+node) }
+
+// ContainerLog is where a lease's container output goes.
+func (c *Cluster) ContainerLog(node, leaseID string) string {
+	return filepath.Join(c.AgentDataDir(node), "logs", leaseID+".log")
+}
+
+func (c *Cluster) start(name, bin, cfg string, cfgBody string) (*Proc, error) {
+	if err := os.WriteFile(cfg, []byte(cfgBody), 0o600); err != nil {
+		return nil, err
+	}
+	p := &Proc{Name: name, LogPath: filepath.Join(c.Dir, name+".log"), done: make(chan struct{})}
+	logf, err := os.OpenFile(p.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	p.cmd = exec.Command(filepath.Join(c.opts.BinDir, bin), "-config", cfg)
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	go func() { p.err = p.cmd.Wait(); logf.Close(); close(p.done) }()
+	return p, nil
+}
+
+// StartControlPlane starts (or restarts) the control plane and waits until
+// it accepts connections.
+func (c *Cluster) StartControlPlane(ctx context.Context) error {
+	cfg := fmt.Sprintf(`listen: %q
+data_dir: %q
+trust_domain: %s
+svid:
+  cert: %q
+  key: %q
+  bundle: %q
+tick_interval: 200ms
+log:
+  level: %s
+`, c.CPAddr, c.CPDataDir(), TrustDomain, c.PKI.ControlPlane.CertPath, c.PKI.ControlPlane.KeyPath, c.PKI.BundlePath, c.opts.LogLevel)
+	p, err := c.start("controlplane", "gpuaas-controlplane", filepath.Join(c.Dir, "controlplane.yaml"), cfg)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.cp = p
+	c.mu.Unlock()
+	return waitFor(ctx, 15*time.Second, func() error {
+		if !p.Running() {
+			return fmt.Errorf("control plane exited: %v (see %s)", p.err, p.LogPath)
+		}
+		conn, err := net.DialTimeout("tcp", c.CPAddr, 200*time.Millisecond)
+		if err == nil {
+			conn.Close()
+		}
+		return err
+	})
+}
+
+// StartAgent starts (or restarts) a node's agent.
+func (c *Cluster) StartAgent(ctx context.Context, node string) error {
+	var gpus strings.Builder
+	for _, m := range c.opts.Agents[node] {
+		fmt.Fprintf(&gpus, "      - model: %s\n        mig_enabled: true\n", m)
+	}
+	f := c.PKI.Agents[node]
+	cfg := fmt.Sprintf(`node: %s
+control_plane: %q
+trust_domain: %s
+svid:
+  cert: %q
+  key: %q
+  bundle: %q
+data_dir: %q
+containerd:
+  address: %q
+  namespace: gpuaas
+gpu:
+  backend: sim
+  sim:
+    gpus:
+%simage_archives:
+  - %q
+stop_grace: %s
+log:
+  level: %s
+`, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(),
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.opts.LogLevel)
+	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.agents[node] = p
+	c.mu.Unlock()
+	return nil
+}
+
+func stop(p *Proc, sig syscall.Signal) error {
+	if p == nil || !p.Running() {
+		return nil
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(20 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+		return fmt.Errorf("%s did not stop on %v", p.Name, sig)
+	}
+}
+
+// StopControlPlane stops the control plane: SIGKILL if kill, else SIGTERM.
+func (c *Cluster) StopControlPlane(kill bool) error {
+	c.mu.Lock()
+	p := c.cp
+	c.mu.Unlock()
+	if kill {
+		return stop(p, syscall.SIGKILL)
+	}
+	return stop(p, syscall.SIGTERM)
+}
+
+// StopAgent stops a node's agent: SIGKILL if kill, else SIGTERM.
+func (c *Cluster) StopAgent(node string, kill bool) error {
+	c.mu.Lock()
+	p := c.agents[node]
+	c.mu.Unlock()
+	if kill {
+		return stop(p, syscall.SIGKILL)
+	}
+	return stop(p, syscall.SIGTERM)
+}
+
+// Dial returns an operator connection to the control plane.
+func (c *Cluster) Dial(ctx context.Context) (*grpc.ClientConn, error) {
+	td := spiffeid.RequireTrustDomainFromString(TrustDomain)
+	f := c.PKI.Operators["admin"]
+	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{CertPath: f.CertPath, KeyPath: f.KeyPath, BundlePath: c.PKI.BundlePath, TrustDomain: td})
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(c.CPAddr, grpc.WithTransportCredentials(identity.ClientCredentials(src, tlsconfig.AuthorizeID(identity.ControlPlaneID(td)))))
+	if err != nil {
+		src.Close()
+		return nil, err
+	}
+	c.mu.Lock()
+	c.conns = append(c.conns, conn)
+	c.srcs = append(c.srcs, src)
+	c.mu.Unlock()
+	return conn, nil
+}
+
+// Leases returns an operator's lease client.
+func (c *Cluster) Leases(ctx context.Context) (leasev1.LeaseServiceClient, error) {
+	conn, err := c.Dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return leasev1.NewLeaseServiceClient(conn), nil
+}
+
+// Nodes returns an operator's node client.
+func (c *Cluster) Nodes(ctx context.Context) (nodev1.NodeServiceClient, error) {
+	conn, err := c.Dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return nodev1.NewNodeServiceClient(conn), nil
+}
+
+// CtlEnv is the environment that points gpuaasctl at this cluster.
+func (c *Cluster) CtlEnv() []string {
+	f := c.PKI.Operators["admin"]
+	return append(os.Environ(), "GPUAAS_ADDR="+c.CPAddr, "GPUAAS_TRUST_DOMAIN="+TrustDomain,
+		"GPUAAS_CERT="+f.CertPath, "GPUAAS_KEY="+f.KeyPath, "GPUAAS_BUNDLE="+c.PKI.BundlePath)
+}
+
+// Ctl runs gpuaasctl against the cluster and returns its combined output.
+func (c *Cluster) Ctl(ctx context.Context, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(c.opts.BinDir, "gpuaasctl"), args...)
+	cmd.Env = c.CtlEnv()
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// WaitPhase polls a lease until it reaches one of the phases.
+func (c *Cluster) WaitPhase(ctx context.Context, lc leasev1.LeaseServiceClient, id string, timeout time.Duration, phases ...leasev1.Phase) (*leasev1.Lease, error) {
+	var last *leasev1.Lease
+	err := waitFor(ctx, timeout, func() error {
+		resp, err := lc.GetLease(ctx, &leasev1.GetLeaseRequest{Id: id})
+		if err != nil {
+			return err
+		}
+		last = resp.GetLease()
+		for _, p := range phases {
+			if last.GetPhase() == p {
+				return nil
+			}
+		}
+		return fmt.Errorf("lease %s is %v (%s)", id, last.GetPhase(), last.GetReason())
+	})
+	return last, err
+}
+
+func waitFor(ctx context.Context, timeout time.Duration, f func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %s: %w", timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return errors.Join(ctx.Err(), err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Close stops every process (agents first, gracefully), then containerd
+// (which removes every container left), and the directory if it made it.
+func (c *Cluster) Close() error {
+	var errs []error
+	c.mu.Lock()
+	conns, srcs, agents, cp := c.conns, c.srcs, c.agents, c.cp
+	c.conns, c.srcs = nil, nil
+	c.mu.Unlock()
+	for _, conn := range conns {
+		conn.Close()
+	}
+	for _, s := range srcs {
+		s.Close()
+	}
+	for _, p := range agents {
+		errs = append(errs, stop(p, syscall.SIGTERM))
+	}
+	errs = append(errs, stop(cp, syscall.SIGTERM))
+	if c.Containerd != nil {
+		errs = append(errs, c.Containerd.Close())
+	}
+	if c.ownDir {
+		errs = append(errs, os.RemoveAll(c.Dir))
+	}
+	return errors.Join(errs...)
+}

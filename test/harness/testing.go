@@ -1,0 +1,65 @@
+package harness
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/gpuaas/gpuaas/test/ociimage"
+)
+
+// StartContainerdT is StartContainerd for tests: it requires root and the
+// containerd components (RequireRoot), fails the test if containerd does
+// not start, and registers Close as a cleanup that fails the test if
+// anything was left behind.
+func StartContainerdT(t testing.TB, opts Options) *Containerd {
+	t.Helper()
+	RequireRoot(t, ContainerdComponents...)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := StartContainerd(ctx, opts)
+	if err != nil {
+		t.Fatalf("start containerd: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("close containerd: %v", err)
+		}
+	})
+	return c
+}
+
+// BusyboxArchiveT writes a busybox OCI image archive (see package ociimage)
+// into a test temporary directory and returns its path and description.
+// Without a static busybox the test fails in CI and is skipped elsewhere.
+func BusyboxArchiveT(t testing.TB, opts ociimage.Options) (string, ociimage.Image) {
+	t.Helper()
+	if opts.BusyboxPath == "" {
+		p, err := ociimage.FindBusybox()
+		Require(t, err)
+		opts.BusyboxPath = p
+	}
+	out := filepath.Join(t.TempDir(), "image.tar")
+	img, err := ociimage.WriteArchiveFile(out, opts)
+	if err != nil {
+		t.Fatalf("build busybox image: %v", err)
+	}
+	return out, img
+}
+
+// UniqueID returns prefix followed by a suffix unique to this test run, for
+// container ids: runc keeps its state per namespace and id in a directory
+// shared by every containerd on the host, so parallel test packages must not
+// reuse ids.
+func UniqueID(prefix string) string {
+	return prefix + "-" + randomSuffix()
+}
+
+func randomSuffix() string {
+	var b [5]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
