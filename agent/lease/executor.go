@@ -235,11 +235,18 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 		r = Record{LeaseID: id, Phase: leasev1.Phase_PHASE_SCHEDULED}
 	}
 	now := e.o.Now()
+	if na := l.GetNotAfter().AsTime(); want && !r.NotAfter.Equal(na) {
+		r.NotAfter = na // journaled, so a later cancel or expiry is told apart
+		if err := e.save(&r); err != nil {
+			return err
+		}
+	}
+	expired := !r.NotAfter.IsZero() && !now.Before(r.NotAfter)
 	switch {
+	case expired:
+		return e.teardown(ctx, &r, leasev1.Phase_PHASE_TERMINATED, "expired")
 	case !want:
 		return e.teardown(ctx, &r, leasev1.Phase_PHASE_TERMINATED, "cancelled")
-	case !now.Before(l.GetNotAfter().AsTime()):
-		return e.teardown(ctx, &r, leasev1.Phase_PHASE_TERMINATED, "expired")
 	}
 	return e.provision(ctx, &r, l)
 }

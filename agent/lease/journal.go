@@ -54,11 +54,15 @@ type Record struct {
 	HasCI       bool          `json:"has_ci,omitempty"`
 	MIGUUID     string        `json:"mig_uuid,omitempty"`
 	ContainerID string        `json:"container_id,omitempty"`
-	StartTime   time.Time     `json:"start_time,omitzero"`
-	EndTime     time.Time     `json:"end_time,omitzero"`
-	Exited      bool          `json:"exited,omitempty"`
-	ExitCode    int32         `json:"exit_code,omitempty"`
-	UpdateTime  time.Time     `json:"update_time"`
+	// NotAfter is the lease's end as last desired, kept so the reason a
+	// lease left the desired set (expired or cancelled) is known after it
+	// left.
+	NotAfter   time.Time `json:"not_after,omitzero"`
+	StartTime  time.Time `json:"start_time,omitzero"`
+	EndTime    time.Time `json:"end_time,omitzero"`
+	Exited     bool      `json:"exited,omitempty"`
+	ExitCode   int32     `json:"exit_code,omitempty"`
+	UpdateTime time.Time `json:"update_time"`
 	// ReportedSeq is the first observed-state report that carried the
 	// terminal phase; once the control plane acks it, the record may go.
 	ReportedSeq uint64 `json:"reported_seq,omitempty"`
