@@ -70,6 +70,10 @@ func New(o Options) *Executor {
 	return &Executor{o: o, kick: make(chan struct{}, 1), change: make(chan struct{}, 1), inflight: map[string]bool{}}
 }
 
+// orphanSweep is how often containers no lease accounts for are looked for
+// after the sweep at start (which catches what a crash left).
+const orphanSweep = 30 * time.Second
+
 // ContainerID is the container id of a lease.
 func ContainerID(leaseID string) string { return "gpuaas-" + leaseID }
 
@@ -147,6 +151,8 @@ func (e *Executor) Run(ctx context.Context) error {
 	}
 	t := time.NewTicker(e.o.Resync)
 	defer t.Stop()
+	sweep := time.NewTicker(orphanSweep)
+	defer sweep.Stop()
 	defer e.wg.Wait()
 	e.pass(ctx)
 	for {
@@ -155,6 +161,10 @@ func (e *Executor) Run(ctx context.Context) error {
 			return nil
 		case <-e.kick:
 		case <-t.C:
+		case <-sweep.C:
+			if err := e.removeOrphans(ctx); err != nil && ctx.Err() == nil {
+				e.o.Logger.Warn("orphan sweep failed", "err", err)
+			}
 		}
 		e.pass(ctx)
 	}
@@ -234,6 +244,10 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 		}
 		r = Record{LeaseID: id, Phase: leasev1.Phase_PHASE_SCHEDULED}
 	}
+	if r.Phase == leasev1.Phase_PHASE_TERMINATING && r.Final != leasev1.Phase_PHASE_UNSPECIFIED {
+		// An ended lease finishes its teardown, even if still desired.
+		return e.teardown(ctx, &r, r.Final, r.Reason)
+	}
 	now := e.o.Now()
 	if na := l.GetNotAfter().AsTime(); want && !r.NotAfter.Equal(na) {
 		r.NotAfter = na // journaled, so a later cancel or expiry is told apart
@@ -253,7 +267,7 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 
 // failure classes that no retry will fix.
 func permanent(err error) bool {
-	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) ||
+	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) ||
 		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec)
 }
 
@@ -311,6 +325,12 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 	}
 	if err != nil {
 		return e.fail(ctx, r, err, "create container")
+	}
+	if !r.Created {
+		r.Created = true
+		if err := e.save(r); err != nil {
+			return err
+		}
 	}
 	switch st.State {
 	case runtime.StateCreated, runtime.StateNoTask:
@@ -372,8 +392,8 @@ func reasonOf(err error) string {
 // records the terminal phase. Every step is idempotent; on error the lease
 // stays TERMINATING and the next pass retries.
 func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase, reason string) error {
-	if r.Phase != leasev1.Phase_PHASE_TERMINATING {
-		r.Phase, r.Reason = leasev1.Phase_PHASE_TERMINATING, reason
+	if r.Phase != leasev1.Phase_PHASE_TERMINATING || r.Final == leasev1.Phase_PHASE_UNSPECIFIED {
+		r.Phase, r.Reason, r.Final = leasev1.Phase_PHASE_TERMINATING, reason, final
 		if err := e.save(r); err != nil {
 			return err
 		}
@@ -388,8 +408,12 @@ func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase,
 			return fmt.Errorf("stop container %s: %w", r.ContainerID, err)
 		}
 		cid := r.ContainerID
-		r.ContainerID = ""
-		if err := e.save(r, event("container.stop", r.LeaseID, "container/"+cid, auditlog.OutcomeSuccess, reason, nil, e.o.Now())); err != nil {
+		var events []*agentv1.AuditEvent
+		if r.Created {
+			events = append(events, event("container.stop", r.LeaseID, "container/"+cid, auditlog.OutcomeSuccess, reason, nil, e.o.Now()))
+		}
+		r.ContainerID, r.Created = "", false
+		if err := e.save(r, events...); err != nil {
 			return err
 		}
 		r.ContainerID = cid // keep it in the report

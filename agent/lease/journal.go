@@ -4,7 +4,10 @@ package lease
 //
 //   meta     schema_version (uint64 BE) = 1; generation (uint64 BE): last
 //            desired generation journaled; sequence (uint64 BE): last
-//            observed-state report number; event_seq (uint64 BE)
+//            observed-state report number; event_seq (uint64 BE);
+//            instance: 16 random hex characters made when the journal is
+//            created, prefixed to every audit event id so a rebuilt journal
+//            never reuses an id the control plane has deduplicated
 //   desired  lease id -> gpuaas.lease.v1.Lease (proto): the desired set
 //   leases   lease id -> Record (JSON): what the agent did for the lease
 //   outbox   event id -> gpuaas.agent.v1.AuditEvent (proto), until acked
@@ -14,7 +17,9 @@ package lease
 // instead of duplicating or orphaning it.
 
 import (
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -54,6 +59,12 @@ type Record struct {
 	HasCI       bool          `json:"has_ci,omitempty"`
 	MIGUUID     string        `json:"mig_uuid,omitempty"`
 	ContainerID string        `json:"container_id,omitempty"`
+	// Created is set once the runtime created the container, so teardown
+	// audits a stop only for a container that existed.
+	Created bool `json:"created,omitempty"`
+	// Final is the phase a teardown in progress ends in; a TERMINATING
+	// record with Final set resumes its teardown and never provisions again.
+	Final leasev1.Phase `json:"final,omitempty"`
 	// NotAfter is the lease's end as last desired, kept so the reason a
 	// lease left the desired set (expired or cancelled) is known after it
 	// left.
@@ -95,6 +106,15 @@ func OpenJournal(path string) (*Journal, error) {
 		if raw := m.Get([]byte("schema_version")); raw != nil {
 			if len(raw) != 8 || binary.BigEndian.Uint64(raw) > journalSchema {
 				return fmt.Errorf("journal schema %x is not supported by this agent", raw)
+			}
+		}
+		if m.Get([]byte("instance")) == nil {
+			var b [8]byte
+			if _, err := rand.Read(b[:]); err != nil {
+				return err
+			}
+			if err := m.Put([]byte("instance"), []byte(hex.EncodeToString(b[:]))); err != nil {
+				return err
 			}
 		}
 		return m.Put([]byte("schema_version"), binary.BigEndian.AppendUint64(nil, journalSchema))
@@ -222,14 +242,14 @@ func addEvents(tx *bolt.Tx, events []*agentv1.AuditEvent) error {
 		if err := putU64(m, "event_seq", seq); err != nil {
 			return err
 		}
-		if e.Id == "" {
-			e.Id = fmt.Sprintf("%020d", seq)
-		}
+		// The id is the outbox key, so AckEvents finds it; the instance
+		// prefix is constant, so keys still sort by sequence.
+		e.Id = fmt.Sprintf("%s-%020d", m.Get([]byte("instance")), seq)
 		raw, err := proto.Marshal(e)
 		if err != nil {
 			return err
 		}
-		if err := ob.Put([]byte(fmt.Sprintf("%020d", seq)), raw); err != nil {
+		if err := ob.Put([]byte(e.Id), raw); err != nil {
 			return err
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/cenkalti/backoff/v5"
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -69,6 +70,9 @@ func (c *Client) Run(ctx context.Context) error {
 	conn, err := grpc.NewClient(c.o.Address,
 		grpc.WithTransportCredentials(c.o.Creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
+		// gRPC's own reconnect delay must not exceed ours (its default
+		// grows to 120 s).
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: grpcbackoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.o.MaxBackoff}, MinConnectTimeout: 5 * time.Second}),
 	)
 	if err != nil {
 		return fmt.Errorf("control plane client for %s: %w", c.o.Address, err)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/peer"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/fleet"
@@ -17,6 +18,8 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
 // Limits on what an agent may send in one message.
@@ -92,6 +95,9 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 	if hello == nil {
 		return errs.InvalidArgument("hello", "the first message of a session must be a hello")
 	}
+	if err := validateInventory("hello.inventory", hello.GetInventory()); err != nil {
+		return err
+	}
 	if hello.GetNodeId() != node {
 		// An agent may speak only for its own node.
 		aerr := s.Store.Update(ctx, func(tx store.Tx) error {
@@ -166,6 +172,9 @@ func (s *AgentServer) handle(ctx context.Context, c lease.Caller, node string, s
 		if len(obs.GetLeases()) > maxObservedLeases {
 			return errs.InvalidArgument("observed.leases", "at most %d leases", maxObservedLeases)
 		}
+		if err := validateInventory("observed.inventory", obs.GetInventory()); err != nil {
+			return err
+		}
 		if err := s.Fleet.Seen(ctx, sess, obs.GetInventory()); err != nil {
 			return err
 		}
@@ -213,16 +222,32 @@ func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, nod
 			} else if !errors.Is(err, store.ErrNotFound) {
 				return err
 			}
-			details := map[string]string{"node": node, "agent_event_id": e.GetId(), "agent_time": e.GetTime().AsTime().UTC().Format(time.RFC3339Nano)}
+			details := map[string]string{}
 			for k, v := range e.GetDetails() {
-				details[k] = truncate(v, 256)
+				details[truncate(k, 64)] = truncate(v, 256)
 			}
+			// The server's own fields last: an agent cannot overwrite them.
+			details["node"], details["agent_event_id"] = node, e.GetId()
+			details["agent_time"] = e.GetTime().AsTime().UTC().Format(time.RFC3339Nano)
 			res := e.GetResource()
 			if res == "" && e.GetLeaseId() != "" {
 				res = "lease/" + e.GetLeaseId()
 			}
-			if _, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Action: "agent." + e.GetAction(), Resource: res,
-				Outcome: e.GetOutcome(), Reason: e.GetReason(), Details: details}); err != nil {
+			entry := auditlog.Entry{Actor: c.ID, Action: "agent." + e.GetAction(), Resource: res,
+				Outcome: e.GetOutcome(), Reason: e.GetReason(), Details: details}
+			if id := e.GetLeaseId(); id != "" {
+				owner, err := leaseNode(tx, id)
+				if err != nil {
+					return err
+				}
+				if owner != node {
+					// An agent may speak only for its own node: record the
+					// refusal, not the claim.
+					entry = auditlog.Entry{Actor: c.ID, Action: "agent.event", Resource: "lease/" + truncate(id, 64),
+						Outcome: auditlog.OutcomeDenied, Reason: "agent event about a lease not on its node", Details: map[string]string{"node": node, "agent_event_id": e.GetId(), "claimed_action": truncate(e.GetAction(), 64)}}
+				}
+			}
+			if _, err := audit.Append(tx, entry); err != nil {
 				return err
 			}
 			if err := tx.Put(store.BucketIdempotency, key, []byte{1}); err != nil {
@@ -236,6 +261,60 @@ func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, nod
 		return nil, fmt.Errorf("append agent audit events: %w", err)
 	}
 	return ids, nil
+}
+
+// leaseNode is the node a lease is placed on ("" if none or unknown).
+func leaseNode(tx store.Tx, id string) (string, error) {
+	raw, err := tx.Get(store.BucketLeases, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	l := &leasev1.Lease{}
+	if err := proto.Unmarshal(raw, l); err != nil {
+		return "", fmt.Errorf("decode lease %s: %w", id, err)
+	}
+	return l.GetPlacement().GetNode(), nil
+}
+
+// Limits on a reported inventory.
+const (
+	maxGPUs         = 64
+	maxGPUProfiles  = 64
+	maxGPUInstances = 64
+	maxInvString    = 256
+)
+
+// validateInventory bounds what an agent may report about its host before
+// it is stored and used for placement.
+func validateInventory(field string, inv *nodev1.Inventory) error {
+	if inv == nil {
+		return nil
+	}
+	if len(inv.GetGpus()) > maxGPUs {
+		return errs.InvalidArgument(field+".gpus", "at most %d GPUs", maxGPUs)
+	}
+	if len(inv.GetDriverVersion()) > maxInvString {
+		return errs.InvalidArgument(field+".driver_version", "too long")
+	}
+	for _, g := range inv.GetGpus() {
+		if len(g.GetProfiles()) > maxGPUProfiles || len(g.GetInstances()) > maxGPUInstances {
+			return errs.InvalidArgument(field+".gpus", "GPU %d reports too many profiles or instances", g.GetIndex())
+		}
+		for _, str := range []string{g.GetUuid(), g.GetModel(), g.GetSerial(), g.GetVbiosVersion()} {
+			if len(str) > maxInvString {
+				return errs.InvalidArgument(field+".gpus", "GPU %d has a field over %d bytes", g.GetIndex(), maxInvString)
+			}
+		}
+		for _, in := range g.GetInstances() {
+			if in.GetStart() > 64 || in.GetSize() > 64 || len(in.GetMigUuid()) > maxInvString {
+				return errs.InvalidArgument(field+".gpus.instances", "GPU %d reports an impossible instance", g.GetIndex())
+			}
+		}
+	}
+	return nil
 }
 
 func truncate(s string, n int) string {

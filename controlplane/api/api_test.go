@@ -28,14 +28,15 @@ import (
 )
 
 type server struct {
-	addr string
-	pki  *identity.DevPKI
-	st   *store.Bolt
-	td   spiffeid.TrustDomain
+	addr   string
+	pki    *identity.DevPKI
+	st     *store.Bolt
+	td     spiffeid.TrustDomain
+	leases *lease.Service
 }
 
 // startServer runs the real control plane edge on loopback with the dev PKI.
-func startServer(t *testing.T) *server {
+func startServer(t testing.TB) *server {
 	t.Helper()
 	dir := t.TempDir()
 	pki, err := identity.WriteDevPKI(filepath.Join(dir, "pki"), identity.DevPKIOptions{TrustDomain: "gpuaas.test", Agents: []string{"node-a", "node-b"}, Operators: []string{"alice"}})
@@ -64,10 +65,10 @@ func startServer(t *testing.T) *server {
 	}
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Stop(); st.Close() })
-	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain}
+	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases}
 }
 
-func sourceFor(t *testing.T, pki *identity.DevPKI, f identity.SVIDFiles) *identity.FileSource {
+func sourceFor(t testing.TB, pki *identity.DevPKI, f identity.SVIDFiles) *identity.FileSource {
 	t.Helper()
 	src, err := identity.NewFileSource(context.Background(), identity.FileSourceConfig{CertPath: f.CertPath, KeyPath: f.KeyPath, BundlePath: pki.BundlePath, TrustDomain: pki.TrustDomain})
 	if err != nil {
@@ -77,7 +78,7 @@ func sourceFor(t *testing.T, pki *identity.DevPKI, f identity.SVIDFiles) *identi
 	return src
 }
 
-func (s *server) dial(t *testing.T, src identity.Source) *grpc.ClientConn {
+func (s *server) dial(t testing.TB, src identity.Source) *grpc.ClientConn {
 	t.Helper()
 	conn, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(identity.ClientCredentials(src, tlsconfig.AuthorizeID(identity.ControlPlaneID(s.td)))))
 	if err != nil {
@@ -257,5 +258,75 @@ func TestForeignCAIsRefusedAtTheHandshake(t *testing.T) {
 	_, err = leasev1.NewLeaseServiceClient(s.dial(t, src)).ListLeases(ctx, &leasev1.ListLeasesRequest{})
 	if err == nil {
 		t.Fatal("a certificate from another CA was accepted")
+	}
+}
+
+// openSession says hello as node and returns the stream after the first
+// desired state.
+func openSession(t *testing.T, ctx context.Context, s *server, node string) agentv1.AgentService_SessionClient {
+	t.Helper()
+	stream, err := agentv1.NewAgentServiceClient(s.dial(t, sourceFor(t, s.pki, s.pki.Agents[node]))).Session(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv := &nodev1.Inventory{Gpus: []*nodev1.Gpu{{Uuid: "GPU-" + node, Model: "NVIDIA H200", PciDeviceId: 0x2335, MigCapable: true, MigEnabled: true}}}
+	stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Hello{Hello: &agentv1.Hello{NodeId: node, Inventory: inv}}})
+	if m, err := stream.Recv(); err != nil || m.GetDesired() == nil {
+		t.Fatalf("%s hello: %v %v", node, m, err)
+	}
+	return stream
+}
+
+func TestAgentEventsAboutAnotherNodesLeaseAreRefused(t *testing.T) {
+	s := startServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	openSession(t, ctx, s, "node-b")
+	lc := leasev1.NewLeaseServiceClient(s.dial(t, sourceFor(t, s.pki, s.pki.Operators["alice"])))
+	resp, err := lc.CreateLease(ctx, createReq("k"))
+	if err != nil || resp.GetLease().GetPlacement().GetNode() != "node-b" {
+		t.Fatalf("create: %v %v", err, resp)
+	}
+	a := openSession(t, ctx, s, "node-a")
+	ev := &agentv1.AuditEvent{Id: "e1", Action: "partition.destroy", LeaseId: resp.GetLease().GetId(), Outcome: "success",
+		Details: map[string]string{"node": "node-b", "agent_event_id": "forged"}}
+	a.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Audit{Audit: &agentv1.AuditEvents{Events: []*agentv1.AuditEvent{ev}}}})
+	for {
+		m, err := a.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m.GetAck().GetAuditEventIds()) == 1 {
+			break
+		}
+	}
+	es, _ := audit.List(ctx, s.st, 0, 0)
+	last := es[len(es)-1]
+	if last.Action != "agent.event" || last.Outcome != "denied" || last.Details["node"] != "node-a" || last.Details["agent_event_id"] != "e1" {
+		t.Fatalf("claim about another node's lease recorded as %+v", last)
+	}
+	for _, e := range es {
+		if e.Action == "agent.partition.destroy" {
+			t.Fatalf("the false claim reached the audit log: %+v", e)
+		}
+	}
+}
+
+func TestOversizedInventoryIsRefused(t *testing.T) {
+	s := startServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := agentv1.NewAgentServiceClient(s.dial(t, sourceFor(t, s.pki, s.pki.Agents["node-a"]))).Session(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv := &nodev1.Inventory{}
+	for i := 0; i <= maxGPUs; i++ {
+		inv.Gpus = append(inv.Gpus, &nodev1.Gpu{Index: uint32(i)})
+	}
+	stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Hello{Hello: &agentv1.Hello{NodeId: "node-a", Inventory: inv}}})
+	_, err = stream.Recv()
+	if e := errs.FromStatus(err); !errors.Is(e, errs.ErrInvalidArgument) || errs.FieldOf(e) != "hello.inventory.gpus" {
+		t.Fatalf("oversized inventory: %v", err)
 	}
 }

@@ -28,10 +28,23 @@ func modelOf(g *nodev1.Gpu) (mig.Model, bool) {
 	return mig.ModelByName(g.GetModel())
 }
 
-// instancesOn is every partition on a GPU: those our live leases hold (even
-// if not created yet) and those the node reports (which may include
-// partitions an operator made by hand).
-func instancesOn(g *nodev1.Gpu, live []*leasev1.Lease) []mig.Instance {
+// allocations indexes the partitions live leases hold (even if not created
+// yet) by GPU UUID.
+func allocations(live []*leasev1.Lease) map[string][]mig.Instance {
+	out := map[string][]mig.Instance{}
+	for _, l := range live {
+		p := l.GetPlacement()
+		if p.GetGpuUuid() != "" {
+			out[p.GetGpuUuid()] = append(out[p.GetGpuUuid()], mig.Instance{Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}})
+		}
+	}
+	return out
+}
+
+// instancesOn is every partition on a GPU: those our live leases hold and
+// those the node reports (which may include partitions an operator made by
+// hand).
+func instancesOn(g *nodev1.Gpu, held []mig.Instance) []mig.Instance {
 	seen := map[mig.Instance]bool{}
 	var out []mig.Instance
 	add := func(in mig.Instance) {
@@ -40,11 +53,8 @@ func instancesOn(g *nodev1.Gpu, live []*leasev1.Lease) []mig.Instance {
 			out = append(out, in)
 		}
 	}
-	for _, l := range live {
-		p := l.GetPlacement()
-		if p.GetGpuUuid() == g.GetUuid() {
-			add(mig.Instance{Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}})
-		}
+	for _, in := range held {
+		add(in)
 	}
 	for _, in := range g.GetInstances() {
 		add(mig.Instance{Profile: mig.ProfileID(in.GetProfileId()), Placement: mig.Placement{Start: int(in.GetStart()), Size: int(in.GetSize())}})
@@ -60,6 +70,7 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 	if profileName == "" {
 		return nil, errs.New(errs.ErrUnimplemented, "WHOLE_GPU_UNSUPPORTED", "whole-GPU leases are not schedulable yet")
 	}
+	held := allocations(live)
 	sorted := append([]NodeView(nil), nodes...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].ID < sorted[j].ID })
 	for _, n := range sorted {
@@ -80,7 +91,7 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 			if !ok {
 				continue
 			}
-			at, err := model.Place(instancesOn(g, live), prof.ID)
+			at, err := model.Place(instancesOn(g, held[g.GetUuid()]), prof.ID)
 			if err != nil {
 				continue
 			}
@@ -105,7 +116,7 @@ func Capacity(n NodeView, live []*leasev1.Lease) []*nodev1.GpuCapacity {
 			}
 		}
 		if model, ok := modelOf(g); ok && g.GetMigEnabled() {
-			existing := instancesOn(g, live)
+			existing := instancesOn(g, allocations(live)[g.GetUuid()])
 			for _, p := range model.Profiles {
 				c.Profiles = append(c.Profiles, &nodev1.ProfileCapacity{Name: p.Name, Id: int32(p.ID), Free: uint32(model.Remaining(existing, p.ID))})
 			}

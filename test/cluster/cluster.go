@@ -76,6 +76,10 @@ type Cluster struct {
 	Containerd *harness.Containerd
 	CPAddr     string
 	Image      ociimage.Image
+	// Namespace is the agents' containerd namespace, unique per cluster so
+	// that its per-namespace runc state and parent cgroups can be removed
+	// at Close without racing another test's containerd.
+	Namespace string
 
 	mu     sync.Mutex
 	cp     *Proc
@@ -92,7 +96,7 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if opts.StopGrace == 0 {
 		opts.StopGrace = 2 * time.Second
 	}
-	c := &Cluster{opts: opts, Dir: opts.Dir, agents: map[string]*Proc{}}
+	c := &Cluster{opts: opts, Dir: opts.Dir, agents: map[string]*Proc{}, Namespace: harness.UniqueID("gpuaas")}
 	if c.Dir == "" {
 		if c.Dir, err = os.MkdirTemp("", "gpuaas-e2e-"); err != nil {
 			return nil, err
@@ -230,7 +234,7 @@ svid:
 data_dir: %q
 containerd:
   address: %q
-  namespace: gpuaas
+  namespace: %s
 gpu:
   backend: sim
   sim:
@@ -240,7 +244,7 @@ gpu:
 stop_grace: %s
 log:
   level: %s
-`, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(),
+`, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(), c.Namespace,
 		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.opts.LogLevel)
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {
@@ -399,6 +403,12 @@ func (c *Cluster) Close() error {
 	errs = append(errs, stop(cp, syscall.SIGTERM))
 	if c.Containerd != nil {
 		errs = append(errs, c.Containerd.Close())
+		// The namespace's (now empty) runc state dir and parent cgroups.
+		for _, d := range append(harness.CgroupDirs("/"+c.Namespace), filepath.Join("/run/containerd/runc", c.Namespace)) {
+			if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
+				errs = append(errs, fmt.Errorf("remove %s: %w", d, err))
+			}
+		}
 	}
 	if c.ownDir {
 		errs = append(errs, os.RemoveAll(c.Dir))

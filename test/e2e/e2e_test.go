@@ -57,7 +57,7 @@ func tasks(t *testing.T, ctx context.Context, c *cluster.Cluster) map[string]uin
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	ctx = namespaces.WithNamespace(ctx, "gpuaas")
+	ctx = namespaces.WithNamespace(ctx, c.Namespace)
 	cs, err := cl.Containers(ctx)
 	if err != nil {
 		t.Fatal(err)

@@ -6,12 +6,17 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -42,7 +47,9 @@ type globals struct {
 func main() {
 	g := &globals{stdout: os.Stdout}
 	root := newRoot(g)
-	if err := root.Execute(); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaasctl:", describe(err))
 		os.Exit(1)
 	}
@@ -139,7 +146,8 @@ func devPKICmd(g *globals) *cobra.Command {
 			fmt.Fprintln(w, "IDENTITY\tCERT\tKEY")
 			fmt.Fprintf(w, "%s\t%s\t%s\n", pki.ControlPlane.ID, pki.ControlPlane.CertPath, pki.ControlPlane.KeyPath)
 			for _, set := range []map[string]identity.SVIDFiles{pki.Agents, pki.Operators} {
-				for _, f := range set {
+				for _, name := range slices.Sorted(maps.Keys(set)) {
+					f := set[name]
 					fmt.Fprintf(w, "%s\t%s\t%s\n", f.ID, f.CertPath, f.KeyPath)
 				}
 			}
@@ -335,7 +343,48 @@ func leaseCmd(g *globals) *cobra.Command {
 	}
 	extend.Flags().DurationVar(&by, "by", time.Hour, "how much longer")
 
-	cmd.AddCommand(create, get, list, cancelCmd, extend)
+	var watchTenant string
+	var fromRev int64
+	watch := &cobra.Command{
+		Use: "watch", Short: "Stream lease changes until interrupted", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := g.checkOutput(); err != nil {
+				return err
+			}
+			conn, closeConn, err := g.dial(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer closeConn()
+			stream, err := leasev1.NewLeaseServiceClient(conn).WatchLeases(cmd.Context(), &leasev1.WatchLeasesRequest{Tenant: watchTenant, FromRevision: fromRev})
+			if err != nil {
+				return err
+			}
+			for {
+				resp, err := stream.Recv()
+				if err != nil {
+					if errors.Is(err, io.EOF) || cmd.Context().Err() != nil {
+						return nil
+					}
+					return err
+				}
+				l := resp.GetLease()
+				if g.output == "json" {
+					b, err := protojson.Marshal(l)
+					if err != nil {
+						return err
+					}
+					fmt.Fprintln(g.stdout, string(b))
+					continue
+				}
+				fmt.Fprintf(g.stdout, "%d\t%s\t%s\t%s\t%s\n", l.GetRevision(), l.GetId(), l.GetSpec().GetTenant(), phaseName(l.GetPhase()), l.GetReason())
+			}
+		},
+	}
+	watch.Flags().StringVar(&watchTenant, "tenant", "", "only this tenant")
+	watch.Flags().Int64Var(&fromRev, "from-revision", 0, "resume after this revision (0: current state first)")
+
+	cmd.AddCommand(create, get, list, cancelCmd, extend, watch)
 	return cmd
 }
 
@@ -361,7 +410,7 @@ func (g *globals) printLeases(ls ...*leasev1.Lease) error {
 			}
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.GetId(), l.GetSpec().GetTenant(), l.GetSpec().GetGpu().GetMigProfile(),
-			phaseName(l.GetPhase()), orDash(p.GetNode()), gpuID, place, l.GetNotAfter().AsTime().Local().Format(time.TimeOnly), l.GetReason())
+			phaseName(l.GetPhase()), orDash(p.GetNode()), gpuID, place, l.GetNotAfter().AsTime().Local().Format("01-02 15:04:05"), l.GetReason())
 	}
 	return w.Flush()
 }
@@ -493,6 +542,11 @@ func auditCmd(g *globals) *cobra.Command {
 			es, err := audit.List(cmd.Context(), st, after, limit)
 			if err != nil {
 				return err
+			}
+			if g.output == "json" {
+				enc := json.NewEncoder(g.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(es)
 			}
 			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "SEQ\tTIME\tACTOR\tACTION\tRESOURCE\tOUTCOME\tREASON")

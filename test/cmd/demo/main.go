@@ -7,7 +7,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -111,15 +110,16 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 		{"batch-job", "2g.20gb", "1h", "echo computing on $NVIDIA_VISIBLE_DEVICES; sleep 4; echo result=42"},
 	} {
 		out, err := ctl("lease", "create", "--tenant", "acme", "--profile", l.profile, "--image", cluster.ImageName,
-			"--duration", l.dur, "--arg", "sh", "--arg", "-c", "--arg", l.cmd, "--env", "API_TOKEN=never-shown", "-o", "json", "--idempotency-key", l.name)
+			"--duration", l.dur, "--arg", "sh", "--arg", "-c", "--arg", l.cmd, "--env", "API_TOKEN=never-shown", "--idempotency-key", l.name)
 		if err != nil {
 			return err
 		}
-		var created struct{ ID string }
-		if err := json.Unmarshal([]byte(out), &created); err != nil || created.ID == "" {
-			return fmt.Errorf("lease create printed %q: %v", out, err)
+		// The table's second line starts with the new lease's id.
+		lines := strings.Split(out, "\n")
+		if len(lines) < 2 || !strings.HasPrefix(lines[1], "l-") {
+			return fmt.Errorf("lease create printed %q", out)
 		}
-		leases = append(leases, demoLease{l.name, created.ID})
+		leases = append(leases, demoLease{l.name, strings.Fields(lines[1])[0]})
 	}
 	var latencies []string
 	for _, l := range leases {
