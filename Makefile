@@ -1,6 +1,7 @@
 # gpuaas: `make demo` runs one lease end to end; `make test` runs every test.
 # Both install what they need first (scripts/setup.sh).
 GO       ?= go
+export PATH := $(PATH):/usr/local/go/bin:/usr/sbin:/sbin
 VERSION  ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X main.version=$(VERSION)
 TESTFLAGS ?=

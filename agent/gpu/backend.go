@@ -10,6 +10,7 @@ package gpu
 import (
 	"context"
 	"errors"
+	"time"
 
 	"github.com/gpuaas/gpuaas/pkg/mig"
 )
@@ -159,4 +160,72 @@ type Backend interface {
 
 	// MIGDevices lists the MIG devices (one per compute instance) of a GPU.
 	MIGDevices(ctx context.Context, gpuUUID string) ([]MIGDevice, error)
+}
+
+// Telemetry is one reading of a GPU or of one MIG device. Fields a device
+// does not report (a MIG device has no power or temperature of its own) are
+// nil; never a made-up zero.
+type Telemetry struct {
+	Time time.Time
+	// GPU or MIG device UUID the reading is of.
+	UUID string
+	// Utilization of the graphics engine in percent (for a MIG device: its
+	// GR engine activity).
+	UtilizationPct *uint32
+	MemoryUsedMiB  *uint64
+	MemoryFreeMiB  *uint64
+	PowerMilliWatt *uint32
+	TemperatureC   *uint32
+	// ECC errors since driver load.
+	ECCCorrectedVolatile   *uint64
+	ECCUncorrectedVolatile *uint64
+	// Remapped rows and whether a remap is pending a reset.
+	RemappedRowsCorrectable   *uint32
+	RemappedRowsUncorrectable *uint32
+	RemapPending              *bool
+	RemapFailed               *bool
+	SMClockMHz                *uint32
+	MemoryClockMHz            *uint32
+	// ThrottleReasons is NVML's clocks event reasons bit mask.
+	ThrottleReasons *uint64
+}
+
+// EventKind is what an Event reports.
+type EventKind string
+
+const (
+	EventXID            EventKind = "xid"
+	EventECCSingleBit   EventKind = "ecc-single-bit"
+	EventECCDoubleBit   EventKind = "ecc-double-bit"
+	EventDriverRestart  EventKind = "driver-restart"
+	EventMonitorStopped EventKind = "monitor-stopped"
+)
+
+// WholeGPU is the GPU/compute instance id NVML reports for an event that is
+// not attributed to one MIG instance.
+const WholeGPU = 0xFFFFFFFF
+
+// Event is one critical event from the driver.
+type Event struct {
+	Time    time.Time
+	Kind    EventKind
+	GPUUUID string
+	// XID is the XID number for EventXID.
+	XID uint64
+	// GPUInstanceID and ComputeInstanceID attribute the event to a MIG
+	// device; WholeGPU when it concerns the whole GPU.
+	GPUInstanceID     uint32
+	ComputeInstanceID uint32
+}
+
+// Observer is the read-only health and telemetry surface of a backend.
+type Observer interface {
+	// DeviceTelemetry reads a physical GPU.
+	DeviceTelemetry(ctx context.Context, gpuUUID string) (Telemetry, error)
+	// MIGTelemetry reads one MIG device (by its "MIG-..." UUID).
+	MIGTelemetry(ctx context.Context, migUUID string) (Telemetry, error)
+	// Events delivers XID and ECC events until ctx ends; the channel is
+	// closed then. Events that cannot be delivered because the reader is
+	// too slow are dropped and counted (Dropped).
+	Events(ctx context.Context) (<-chan Event, error)
 }
