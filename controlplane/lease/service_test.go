@@ -166,6 +166,10 @@ func TestCreateRejectsBadInputAndChangesNothing(t *testing.T) {
 		{"negative memory", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.Resources = &leasev1.Resources{MemoryBytes: -1} }, "spec.workload.resources.memory_bytes"},
 		{"bad metadata", func(r *leasev1.CreateLeaseRequest) { r.Spec.Metadata = map[string]string{"BAD KEY": "x"} }, "spec.metadata"},
 		{"zero whole gpus", func(r *leasev1.CreateLeaseRequest) { r.Spec.Gpu.Kind = &leasev1.GpuRequest_WholeGpus{WholeGpus: 0} }, "spec.gpu.whole_gpus"},
+		{"bad egress cidr", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.EgressAllow = []string{"10.0.0.0/33"} }, "spec.workload.egress_allow"},
+		{"non-canonical egress cidr", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.EgressAllow = []string{"10.1.2.3/8"} }, "spec.workload.egress_allow"},
+		{"egress to metadata", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.EgressAllow = []string{"169.254.169.254/32"} }, "spec.workload.egress_allow"},
+		{"egress to v6 metadata", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.EgressAllow = []string{"fd00:ec2::254/128"} }, "spec.workload.egress_allow"},
 		{"nul in arg", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.Args = []string{"a\x00b"} }, "spec.workload.args"},
 	}
 	for _, tc := range cases {
@@ -184,6 +188,15 @@ func TestCreateRejectsBadInputAndChangesNothing(t *testing.T) {
 				t.Fatalf("bad input changed state: leases=%d audit=%d", n, e)
 			}
 		})
+	}
+}
+
+func TestEgressAllowAcceptsBroadPrefixes(t *testing.T) {
+	f := newFixture(t, h200("node-a", 1))
+	r := req("k", "1g.18gb")
+	r.Spec.Workload.EgressAllow = []string{"0.0.0.0/0", "203.0.113.0/24", "2001:db8::/32"}
+	if _, err := f.svc.Create(context.Background(), operator, r); err != nil {
+		t.Fatal(err)
 	}
 }
 

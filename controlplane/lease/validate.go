@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"net/netip"
 	"regexp"
 	"strings"
 	"time"
@@ -29,7 +30,14 @@ const (
 	MaxMemoryBytes    = 1 << 40
 	MaxCPUMillis      = 256_000
 	MaxPids           = 1 << 20
+	MaxEgressAllow    = 64
 )
+
+// metadataPrefixes are cloud metadata endpoints; no lease may allow them.
+var metadataPrefixes = []netip.Prefix{
+	netip.MustParsePrefix("169.254.169.254/32"),
+	netip.MustParsePrefix("fd00:ec2::254/128"),
+}
 
 var (
 	nameRE   = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -164,6 +172,22 @@ func validateWorkload(w *leasev1.Workload) error {
 	}
 	if total > MaxEnvTotal {
 		return errs.InvalidArgument("spec.workload.env", "at most %d bytes in all", MaxEnvTotal)
+	}
+	if len(w.GetEgressAllow()) > MaxEgressAllow {
+		return errs.InvalidArgument("spec.workload.egress_allow", "at most %d prefixes", MaxEgressAllow)
+	}
+	for i, c := range w.GetEgressAllow() {
+		p, err := netip.ParsePrefix(c)
+		if err != nil || p != p.Masked() {
+			return errs.InvalidArgument("spec.workload.egress_allow", "entry %d: %q is not a canonical CIDR prefix", i, truncate(c, 64))
+		}
+		for _, m := range metadataPrefixes {
+			// A broader prefix is fine: the agent's longest-prefix match
+			// keeps the more specific metadata deny.
+			if p.Overlaps(m) && p.Bits() >= m.Bits() {
+				return errs.InvalidArgument("spec.workload.egress_allow", "entry %d: %s covers the cloud metadata endpoint %s, which is never allowed", i, p, m)
+			}
+		}
 	}
 	r := w.GetResources()
 	switch {

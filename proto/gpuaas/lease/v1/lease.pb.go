@@ -277,8 +277,13 @@ type Workload struct {
 	// Command and arguments; empty means the image's.
 	Args []string `protobuf:"bytes,2,rep,name=args,proto3" json:"args,omitempty"`
 	// Environment. Values are secret: never logged, never echoed in listings.
-	Env           map[string]string `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Resources     *Resources        `protobuf:"bytes,4,opt,name=resources,proto3" json:"resources,omitempty"`
+	Env       map[string]string `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Resources *Resources        `protobuf:"bytes,4,opt,name=resources,proto3" json:"resources,omitempty"`
+	// Destinations the workload may reach (CIDR prefixes, e.g.
+	// "203.0.113.0/24"). Everything else in the agent's deny list (cloud
+	// metadata endpoints, private ranges, the control plane, the host) stays
+	// denied; metadata endpoints can never be allowed.
+	EgressAllow   []string `protobuf:"bytes,5,rep,name=egress_allow,json=egressAllow,proto3" json:"egress_allow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -337,6 +342,13 @@ func (x *Workload) GetEnv() map[string]string {
 func (x *Workload) GetResources() *Resources {
 	if x != nil {
 		return x.Resources
+	}
+	return nil
+}
+
+func (x *Workload) GetEgressAllow() []string {
+	if x != nil {
+		return x.EgressAllow
 	}
 	return nil
 }
@@ -1423,12 +1435,13 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\fmemory_bytes\x18\x01 \x01(\x03R\vmemoryBytes\x12\x1d\n" +
 	"\n" +
 	"cpu_millis\x18\x02 \x01(\x03R\tcpuMillis\x12\x12\n" +
-	"\x04pids\x18\x03 \x01(\x03R\x04pids\"\xdc\x01\n" +
+	"\x04pids\x18\x03 \x01(\x03R\x04pids\"\xff\x01\n" +
 	"\bWorkload\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
 	"\x04args\x18\x02 \x03(\tR\x04args\x124\n" +
 	"\x03env\x18\x03 \x03(\v2\".gpuaas.lease.v1.Workload.EnvEntryR\x03env\x128\n" +
-	"\tresources\x18\x04 \x01(\v2\x1a.gpuaas.lease.v1.ResourcesR\tresources\x1a6\n" +
+	"\tresources\x18\x04 \x01(\v2\x1a.gpuaas.lease.v1.ResourcesR\tresources\x12!\n" +
+	"\fegress_allow\x18\x05 \x03(\tR\vegressAllow\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc3\x02\n" +
