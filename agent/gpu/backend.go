@@ -119,6 +119,9 @@ type DeviceNode struct {
 // Backend is the NVML surface the agent uses. Implementations are safe for
 // concurrent use.
 type Backend interface {
+	// Observer is the read-only telemetry and event surface.
+	Observer
+
 	// DriverVersion is the kernel driver's version string.
 	DriverVersion(ctx context.Context) (string, error)
 	// Devices lists the physical GPUs in index order.
@@ -220,12 +223,17 @@ type Event struct {
 
 // Observer is the read-only health and telemetry surface of a backend.
 type Observer interface {
-	// DeviceTelemetry reads a physical GPU.
+	// DeviceTelemetry reads a physical GPU; ErrNotFound for an unknown
+	// UUID.
 	DeviceTelemetry(ctx context.Context, gpuUUID string) (Telemetry, error)
-	// MIGTelemetry reads one MIG device (by its "MIG-..." UUID).
+	// MIGTelemetry reads one MIG device (by its "MIG-..." UUID);
+	// ErrNotFound for a UUID that is not a current MIG device. Power and
+	// temperature are always nil: a MIG device has none of its own.
 	MIGTelemetry(ctx context.Context, migUUID string) (Telemetry, error)
 	// Events delivers XID and ECC events until ctx ends; the channel is
-	// closed then. Events that cannot be delivered because the reader is
-	// too slow are dropped and counted (Dropped).
+	// closed then. Every subscriber gets every event. Events that cannot
+	// be delivered because the reader is too slow are dropped, never
+	// queued without bound, and counted (each backend's Dropped method).
+	// A ctx that has already ended gives its error and no channel.
 	Events(ctx context.Context) (<-chan Event, error)
 }

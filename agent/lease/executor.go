@@ -40,7 +40,14 @@ type Options struct {
 	Resync time.Duration
 	Logger *slog.Logger
 	Now    func() time.Time
+	// Eligible, if set, says whether a GPU may take a new partition (the
+	// health tracker's verdict); an ineligible GPU fails the lease rather
+	// than placing a tenant on failing hardware.
+	Eligible func(gpuUUID string) bool
 }
+
+// ErrGPUUnhealthy: the GPU the lease was placed on is unhealthy.
+var ErrGPUUnhealthy = errors.New("gpu unhealthy")
 
 // Executor converges leases. Create it with New and call Run.
 type Executor struct {
@@ -76,6 +83,10 @@ const orphanSweep = 30 * time.Second
 
 // ContainerID is the container id of a lease.
 func ContainerID(leaseID string) string { return "gpuaas-" + leaseID }
+
+// NotifyChange tells the reporter something observable changed outside the
+// executor (e.g. GPU health).
+func (e *Executor) NotifyChange() { signal(e.change) }
 
 // Changes signals when the observed state changed (coalesced).
 func (e *Executor) Changes() <-chan struct{} { return e.change }
@@ -267,7 +278,7 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 
 // failure classes that no retry will fix.
 func permanent(err error) bool {
-	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) ||
+	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) || errors.Is(err, ErrGPUUnhealthy) ||
 		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec)
 }
 
@@ -281,6 +292,9 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 	p := l.GetPlacement()
 	var dev gpu.MIGDevice
 	if !r.HasCI {
+		if e.o.Eligible != nil && !r.HasGI && !e.o.Eligible(p.GetGpuUuid()) {
+			return e.fail(ctx, r, fmt.Errorf("gpu %s: %w", p.GetGpuUuid(), ErrGPUUnhealthy), "create partition")
+		}
 		want := partition.Want{GPUUUID: p.GetGpuUuid(), Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}}
 		h, err := partition.Ensure(ctx, e.o.GPU, want, func(gi int) error {
 			r.GPUUUID, r.GIID, r.HasGI = want.GPUUUID, gi, true
@@ -379,7 +393,7 @@ func (e *Executor) fail(ctx context.Context, r *Record, err error, step string) 
 
 // reasonOf is the part of an error safe to report upstream: its class.
 func reasonOf(err error) string {
-	for _, c := range []error{gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
+	for _, c := range []error{ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
 		runtime.ErrImageNotFound, runtime.ErrInvalidSpec, runtime.ErrNotFound} {
 		if errors.Is(err, c) {
 			return c.Error()

@@ -175,3 +175,12 @@ func Inventory(ctx context.Context, b gpu.Backend) (*nodev1.Inventory, error) {
 	}
 	return inv, nil
 }
+
+// MarkHealth sets each GPU's health in an inventory from the agent's health
+// verdict: unhealthy(uuid) says whether the GPU, or any partition on it, is
+// unhealthy and why.
+func MarkHealth(inv *nodev1.Inventory, unhealthy func(gpuUUID string) (bool, string)) {
+	for _, g := range inv.GetGpus() {
+		g.Unhealthy, g.HealthReason = unhealthy(g.GetUuid())
+	}
+}

@@ -80,7 +80,7 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 		gpus := append([]*nodev1.Gpu(nil), n.GPUs...)
 		sort.Slice(gpus, func(i, j int) bool { return gpus[i].GetIndex() < gpus[j].GetIndex() })
 		for _, g := range gpus {
-			if !g.GetMigEnabled() || (req.GetGpuModel() != "" && req.GetGpuModel() != g.GetModel()) {
+			if !g.GetMigEnabled() || g.GetUnhealthy() || (req.GetGpuModel() != "" && req.GetGpuModel() != g.GetModel()) {
 				continue
 			}
 			model, ok := modelOf(g)

@@ -200,6 +200,25 @@ func TestEgressAllowAcceptsBroadPrefixes(t *testing.T) {
 	}
 }
 
+func TestUnhealthyGPUGetsNoNewLeases(t *testing.T) {
+	n := h200("node-a", 2)
+	n.GPUs[0].Unhealthy, n.GPUs[0].HealthReason = true, "xid 79: GPU has fallen off the bus"
+	f := newFixture(t, n)
+	l, err := f.svc.Create(context.Background(), operator, req("k", "7g.141gb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l.GetPlacement().GetGpuUuid(); got != "GPU-node-a-1" {
+		t.Fatalf("placed on %q, want the healthy GPU-node-a-1", got)
+	}
+	// With the healthy GPU full, the next one waits instead of going to
+	// the unhealthy GPU.
+	l2, err := f.svc.Create(context.Background(), operator, req("k2", "7g.141gb"))
+	if err != nil || l2.GetPhase() != leasev1.Phase_PHASE_PENDING {
+		t.Fatalf("second lease: %v %v on %v", err, l2.GetPhase(), l2.GetPlacement())
+	}
+}
+
 func TestIdempotencyKey(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()

@@ -17,8 +17,10 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
+	"github.com/gpuaas/gpuaas/agent/gpu/health"
 	"github.com/gpuaas/gpuaas/agent/gpu/sim"
 	"github.com/gpuaas/gpuaas/agent/lease"
 	"github.com/gpuaas/gpuaas/agent/partition"
@@ -27,6 +29,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
+	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
@@ -202,13 +205,55 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err := os.MkdirAll(logDir, 0o750); err != nil {
 		return err
 	}
-	exec := lease.New(lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log})
+	devs, err := backend.Devices(ctx)
+	if err != nil {
+		return fmt.Errorf("list gpus: %w", err)
+	}
+	var uuids []string
+	for _, d := range devs {
+		uuids = append(uuids, d.UUID)
+	}
+	var exec *lease.Executor
+	tracker := health.NewTracker(health.Options{GPUs: uuids, OnChange: func(c health.Change) {
+		// Every health change is an audit event; the next report carries
+		// the new verdict so the control plane stops placing there.
+		log.Warn("gpu health changed", "gpu", c.GPU, "gi", c.GI, "to", c.To.String(), "reason", c.Reason, "xid", c.XID)
+		ev := &agentv1.AuditEvent{Time: timestamppb.New(c.Time), Action: "gpu.health", Resource: fmt.Sprintf("gpu/%s/gi/%d", c.GPU, c.GI),
+			Outcome: "success", Reason: c.Reason, Details: map[string]string{"from": c.From.String(), "to": c.To.String(), "xid": fmt.Sprint(c.XID), "clear": c.Clear.String()}}
+		if err := j.AddEvents(ev); err != nil {
+			log.Error("journal health event", "err", err)
+		}
+		if exec != nil {
+			exec.NotifyChange()
+		}
+	}})
+	unhealthy := func(uuid string) (bool, string) {
+		for _, e := range tracker.Snapshot() {
+			if e.GPU == uuid {
+				return true, e.Health.Reason
+			}
+		}
+		return false, ""
+	}
+	exec = lease.New(lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log,
+		Eligible: func(uuid string) bool { bad, _ := unhealthy(uuid); return !bad }})
+	go func() {
+		if err := tracker.Run(ctx, backend); err != nil && ctx.Err() == nil {
+			log.Error("gpu health monitoring stopped; GPUs are no longer vouched for", "err", err)
+		}
+	}()
 	cpID := identity.ControlPlaneID(cfg.td)
 	client := session.New(session.Options{
 		Address: cfg.ControlPlane, Node: cfg.Node, AgentVersion: version,
 		Creds:    identity.ClientCredentials(src, tlsconfig.AuthorizeID(cpID)),
 		Executor: exec, Journal: j, Logger: log,
-		Inventory: func(ctx context.Context) (*nodev1.Inventory, error) { return partition.Inventory(ctx, backend) },
+		Inventory: func(ctx context.Context) (*nodev1.Inventory, error) {
+			inv, err := partition.Inventory(ctx, backend)
+			if err == nil {
+				partition.MarkHealth(inv, unhealthy)
+			}
+			return inv, err
+		},
 	})
 	log.Info("agent starting", "version", version, "control_plane", cfg.ControlPlane, "backend", cfg.GPU.Backend)
 	done := make(chan error, 1)

@@ -33,10 +33,12 @@ const unknownGPU = "GPU-00000000-0000-4000-8000-000000000000"
 // does (gi0..gi14).
 const maxGPUInstanceID = 14
 
-// RunReadOnly checks inventory, MIG mode, profiles, placements and the
+// RunReadOnly checks inventory, MIG mode, profiles, placements, the
 // listing of existing instances and MIG devices on every GPU the backend
-// reports. It never changes anything, so it may run against a production
-// host. The backend must report at least one GPU.
+// reports, and the Observer: telemetry of every GPU and MIG device and the
+// life cycle of event subscriptions. It never changes anything, so it may
+// run against a production host. The backend must report at least one
+// GPU.
 func RunReadOnly(t *testing.T, b gpu.Backend) {
 	t.Helper()
 	ctx := t.Context()
@@ -68,6 +70,7 @@ func RunReadOnly(t *testing.T, b gpu.Backend) {
 			checkDeviceReadOnly(t, b, d, caps)
 		})
 	}
+	t.Run("observer", func(t *testing.T) { checkObserverReadOnly(t, b, devs) })
 }
 
 func checkInventory(t *testing.T, devs []gpu.Device) {
@@ -419,6 +422,13 @@ func RunMutating(t *testing.T, b gpu.Backend) {
 			t.Errorf("MIG device %+v does not describe gi %d ci %d", md, gi.ID, ci.ID)
 		}
 		checkDeviceNodes(t, d, md, capOwners{})
+		tel, err := b.MIGTelemetry(ctx, md.UUID)
+		if err != nil {
+			t.Errorf("MIGTelemetry(%s): %v", md.UUID, err)
+		} else {
+			checkTelemetry(t, tel, md.UUID, d.MemoryMiB)
+			checkMIGTelemetry(t, tel)
+		}
 
 		wantErr(t, "destroy gpu instance with a compute instance", b.DestroyGPUInstance(ctx, uuid, gi.ID), gpu.ErrInUse)
 		wantErr(t, "destroy absent compute instance", b.DestroyComputeInstance(ctx, uuid, gi.ID, ci.ID+1), gpu.ErrNotFound)
@@ -426,6 +436,8 @@ func RunMutating(t *testing.T, b gpu.Backend) {
 			t.Fatalf("DestroyComputeInstance: %v", err)
 		}
 		wantErr(t, "destroy compute instance twice", b.DestroyComputeInstance(ctx, uuid, gi.ID, ci.ID), gpu.ErrNotFound)
+		_, err = b.MIGTelemetry(ctx, md.UUID)
+		wantErr(t, "MIGTelemetry of a destroyed MIG device", err, gpu.ErrNotFound)
 		if devs, err := b.MIGDevices(ctx, uuid); err != nil || len(devs) != 0 {
 			t.Errorf("MIGDevices after destroy = %+v, %v; want none", devs, err)
 		}

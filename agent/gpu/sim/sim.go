@@ -10,11 +10,23 @@
 // from the placement as the driver derives them, MIG device UUIDs and the
 // device nodes (with the driver's capability minors) a container needs.
 //
-// With Config.StatePath set, MIG mode and every GPU and compute instance are
-// saved to a file on each change and loaded by New, so a restarted agent
-// sees the instances the "driver" still holds, as on a real host. The
-// simulator never touches real devices: device node paths are reported, not
-// created.
+// With Config.StatePath set, MIG mode, every GPU and compute instance and
+// the injected ECC history are saved to a file on each change and loaded by
+// New, so a restarted agent sees what the "driver" still holds, as on a real
+// host.
+//
+// The simulator is also a gpu.Observer: telemetry is derived from the state
+// (attached processes drive utilization, memory and power) with small
+// deterministic jitter, and XID and ECC events are injected by tests
+// (InjectXID, InjectECC) and fanned out to every subscriber.
+//
+// Device nodes are only reported unless Config.CreateNodes is set; then the
+// simulator makes them under Config.DevRoot with mknod, at the driver's
+// majors and minors, and keeps the MIG capability nodes in step with the
+// instances, so the runtime and the eBPF device filter meet realistic
+// nodes. It never replaces or removes what it did not make: anything else
+// in the way of a node it needs is an error. Never point CreateNodes at the
+// /dev of a host with a real NVIDIA driver.
 package sim
 
 import (
@@ -25,6 +37,8 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
 	"github.com/gpuaas/gpuaas/pkg/mig"
@@ -45,6 +59,9 @@ const (
 	// DefaultCapsMajor is the character major of /dev/nvidia-caps/* when
 	// Config.CapsMajor is zero; dynamic on a real host too.
 	DefaultCapsMajor = 511
+	// DefaultEventBuffer is the per-subscriber event buffer when
+	// Config.EventBuffer is zero.
+	DefaultEventBuffer = 64
 )
 
 // The driver's fixed character majors and minors.
@@ -76,12 +93,33 @@ type Config struct {
 	// false, a change stays pending until ResetGPU, the conservative model
 	// that callers must handle on any GPU.
 	ImmediateModeChange bool
-	// HostID is mixed into every derived identifier (GPU and MIG UUIDs,
-	// serials) so that simulated hosts in one test differ. The same HostID
-	// and GPUs always give the same identifiers.
+	// HostID is the simulator's seed. It is mixed into every derived
+	// identifier (GPU and MIG UUIDs, serials) and into the telemetry
+	// jitter, so that simulated hosts in one test differ while the same
+	// HostID and GPUs always give the same identifiers and, for the same
+	// sequence of calls, the same readings.
 	HostID string
-	// DevRoot prefixes reported device node paths; default DefaultDevRoot.
+	// DevRoot prefixes device node paths; default DefaultDevRoot.
 	DevRoot string
+	// CreateNodes makes New create the device nodes under DevRoot with
+	// mknod (root, or CAP_MKNOD): nvidiactl and nvidia<minor> at major
+	// 195, nvidia-uvm and nvidia-uvm-tools at UVMMajor, and under
+	// nvidia-caps the config and monitor capabilities (nvidia-cap1, 2) and
+	// the access capability of every GPU and compute instance, at
+	// CapsMajor. Instance capability nodes then follow creates, destroys
+	// and resets. Off, nodes are only reported (MIGDevices).
+	CreateNodes bool
+	// MIGMinorsPath, if set, is where New writes the driver's capability
+	// table in /proc/driver/nvidia-caps/mig-minors format (MIGMinors), for
+	// code that reads the minors from procfs. Parent directories are
+	// created.
+	MIGMinorsPath string
+	// Now is the clock for telemetry and event times; default time.Now.
+	Now func() time.Time
+	// EventBuffer is how many events each Events subscriber may have
+	// undelivered before further events to it are dropped (and counted by
+	// Dropped); default DefaultEventBuffer.
+	EventBuffer int
 	// UVMMajor is the major of /dev/nvidia-uvm and /dev/nvidia-uvm-tools;
 	// default DefaultUVMMajor.
 	UVMMajor uint32
@@ -106,8 +144,13 @@ type GPUConfig struct {
 type Sim struct {
 	cfg Config
 
-	mu   sync.Mutex
-	gpus []*simGPU
+	mu       sync.Mutex
+	gpus     []*simGPU
+	readings uint64 // telemetry readings taken, the jitter's sequence; guarded by mu
+
+	evMu    sync.Mutex
+	subs    map[*subscriber]struct{} // guarded by evMu
+	dropped atomic.Uint64
 }
 
 var _ gpu.Backend = (*Sim)(nil)
@@ -138,9 +181,15 @@ func New(cfg Config) (*Sim, error) {
 	if cfg.CapsMajor == 0 {
 		cfg.CapsMajor = DefaultCapsMajor
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.EventBuffer <= 0 {
+		cfg.EventBuffer = DefaultEventBuffer
+	}
 	cfg.GPUs = slices.Clone(cfg.GPUs)
 
-	s := &Sim{cfg: cfg}
+	s := &Sim{cfg: cfg, subs: map[*subscriber]struct{}{}}
 	for i, gc := range cfg.GPUs {
 		m, ok := mig.LookupModel(gc.Model)
 		if !ok {
@@ -150,27 +199,42 @@ func New(cfg Config) (*Sim, error) {
 		g.rec = gpuRecord{UUID: g.dev.UUID, MIGCurrent: gc.MIGEnabled, MIGPending: gc.MIGEnabled}
 		s.gpus = append(s.gpus, g)
 	}
-	if cfg.StatePath == "" {
-		return s, nil
+	if err := s.load(); err != nil {
+		return nil, fmt.Errorf("new gpu simulator: %w", err)
 	}
-	loaded, err := loadState(cfg.StatePath, s.models())
-	switch {
-	case errors.Is(err, errNoState):
-		if err := s.save(nil); err != nil {
+	if cfg.MIGMinorsPath != "" {
+		if err := writeMIGMinors(cfg.MIGMinorsPath); err != nil {
 			return nil, fmt.Errorf("new gpu simulator: %w", err)
 		}
-	case err != nil:
-		return nil, fmt.Errorf("new gpu simulator: %w", err)
-	default:
-		for _, rec := range loaded.GPUs {
-			for _, g := range s.gpus {
-				if g.rec.UUID == rec.UUID {
-					g.rec = rec
-				}
-			}
+	}
+	if cfg.CreateNodes {
+		if err := s.createNodes(); err != nil {
+			return nil, fmt.Errorf("new gpu simulator: %w", err)
 		}
 	}
 	return s, nil
+}
+
+// load reads the state file, or writes a fresh one when there is none.
+func (s *Sim) load() error {
+	if s.cfg.StatePath == "" {
+		return nil
+	}
+	loaded, err := loadState(s.cfg.StatePath, s.models())
+	switch {
+	case errors.Is(err, errNoState):
+		return s.save(nil)
+	case err != nil:
+		return err
+	}
+	for _, rec := range loaded.GPUs {
+		for _, g := range s.gpus {
+			if g.rec.UUID == rec.UUID {
+				g.rec = rec
+			}
+		}
+	}
+	return nil
 }
 
 func knownModels() string {
@@ -271,9 +335,10 @@ func (s *Sim) view(ctx context.Context, uuid string, fn func(g *simGPU) error) e
 	return fn(g)
 }
 
-// update runs fn on a copy of a GPU's state and, if fn succeeds, persists
-// the copy and makes it current: a failed change or a failed save leaves the
-// simulator (and the state file) exactly as before.
+// update runs fn on a copy of a GPU's state and, if fn succeeds, brings the
+// capability nodes (Config.CreateNodes) in line with the copy, persists it
+// and makes it current: a failed change, node operation or save leaves the
+// simulator, the state file and the nodes as before.
 func (s *Sim) update(uuid string, fn func(g *simGPU, rec *gpuRecord) error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -285,7 +350,18 @@ func (s *Sim) update(uuid string, fn func(g *simGPU, rec *gpuRecord) error) erro
 	if err := fn(g, &next); err != nil {
 		return err
 	}
+	nodesChanged := s.cfg.CreateNodes && !slices.Equal(s.capNodes(g, g.rec), s.capNodes(g, next))
+	if nodesChanged {
+		if err := s.syncCapNodes(g, next); err != nil {
+			// Best effort: put back what the current state had.
+			_ = s.syncCapNodes(g, g.rec)
+			return err
+		}
+	}
 	if err := s.save(map[string]gpuRecord{uuid: next}); err != nil {
+		if nodesChanged {
+			_ = s.syncCapNodes(g, g.rec)
+		}
 		return err
 	}
 	g.rec = next
@@ -330,10 +406,11 @@ func (s *Sim) Devices(ctx context.Context) ([]gpu.Device, error) {
 }
 
 // ResetGPU simulates a GPU reset (nvidia-smi -r): a pending MIG mode becomes
-// current and every GPU and compute instance is gone, as they do not survive
-// a reset on hardware. It fails with gpu.ErrInUse while a process is
-// attached to one of the GPU's MIG devices, and gpu.ErrNotFound for an
-// unknown GPU.
+// current, every GPU and compute instance is gone, as they do not survive
+// a reset on hardware, and a pending row remap takes effect. The volatile
+// ECC counters count since driver load and survive it. It fails with
+// gpu.ErrInUse while a process is attached to one of the GPU's MIG devices,
+// and gpu.ErrNotFound for an unknown GPU.
 func (s *Sim) ResetGPU(uuid string) error {
 	err := s.update(uuid, func(g *simGPU, rec *gpuRecord) error {
 		for _, gi := range rec.GPUInstances {
@@ -346,6 +423,7 @@ func (s *Sim) ResetGPU(uuid string) error {
 		}
 		rec.MIGCurrent = rec.MIGPending
 		rec.GPUInstances = nil
+		rec.ECC.RemapPending = false
 		return nil
 	})
 	if err != nil {

@@ -103,6 +103,14 @@ func TestConformance(t *testing.T) {
 			}
 		}
 	}
+	// Busy, with an ECC history: telemetry must still meet the contract.
+	mds, _ := s.MIGDevices(t.Context(), devs[0].UUID)
+	if err := s.AttachProcess(mds[0].UUID, 4242); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.InjectECC(devs[1].UUID, true); err != nil {
+		t.Fatal(err)
+	}
 	t.Run("read-only on populated GPUs", func(t *testing.T) { gputest.RunReadOnly(t, s) })
 }
 

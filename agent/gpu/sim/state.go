@@ -15,7 +15,15 @@ package sim
 //	      "profile": 19,
 //	      "start": 6, "size": 1,    // a valid layout per pkg/mig
 //	      "computeInstances": [{"id": 0, "processes": [4242]}]
-//	    }]
+//	    }],
+//	    "ecc": {                    // injected ECC history; omitted while zero
+//	      "corrected": 3,           // volatile counters (since "driver load")
+//	      "uncorrected": 1,
+//	      "remappedCorrectable": 0, // rows recorded for remapping (InfoROM)
+//	      "remappedUncorrectable": 1,
+//	      "remapPending": true,     // activated by the next GPU reset
+//	      "remapFailed": false
+//	    }
 //	  }]
 //	}
 //
@@ -53,6 +61,18 @@ type gpuRecord struct {
 	MIGCurrent   bool       `json:"migCurrent"`
 	MIGPending   bool       `json:"migPending"`
 	GPUInstances []giRecord `json:"gpuInstances,omitempty"`
+	ECC          eccRecord  `json:"ecc,omitzero"`
+}
+
+// eccRecord is what injected ECC errors left behind: the volatile counters
+// and the row remapper's InfoROM state, as NVML reports them.
+type eccRecord struct {
+	Corrected             uint64 `json:"corrected,omitempty"`
+	Uncorrected           uint64 `json:"uncorrected,omitempty"`
+	RemappedCorrectable   uint32 `json:"remappedCorrectable,omitempty"`
+	RemappedUncorrectable uint32 `json:"remappedUncorrectable,omitempty"`
+	RemapPending          bool   `json:"remapPending,omitempty"`
+	RemapFailed           bool   `json:"remapFailed,omitempty"`
 }
 
 type giRecord struct {
@@ -150,6 +170,9 @@ func decodeState(data []byte, models map[string]mig.Model) (stateFile, error) {
 // validateGPU checks one GPU's record against the MIG rules and the
 // simulator's own invariants.
 func validateGPU(g gpuRecord, m mig.Model) error {
+	if e := g.ECC; uint64(e.RemappedCorrectable)+uint64(e.RemappedUncorrectable) > maxRemappedRows {
+		return fmt.Errorf("%d remapped rows, at most %d", uint64(e.RemappedCorrectable)+uint64(e.RemappedUncorrectable), maxRemappedRows)
+	}
 	if len(g.GPUInstances) > 0 && !g.MIGCurrent {
 		return fmt.Errorf("%d gpu instances with mig mode not current", len(g.GPUInstances))
 	}

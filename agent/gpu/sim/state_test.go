@@ -148,6 +148,9 @@ func TestPersistence_BadStateFileIsAnError(t *testing.T) {
 		{"compute instance id", doc(gpuRec(h200, true, gi(13, mig.Profile1g, 6, 1, `,"computeInstances":[{"id":3}]`))), "want 0"},
 		{"bad pid", doc(gpuRec(h200, true, gi(13, mig.Profile1g, 6, 1, `,"computeInstances":[{"id":0,"processes":[-1]}]`))), "invalid pid"},
 		{"duplicate pid", doc(gpuRec(h200, true, gi(13, mig.Profile1g, 6, 1, `,"computeInstances":[{"id":0,"processes":[5,5]}]`))), "pids"},
+		{"too many remapped rows", `{"version":1,"gpus":[{"uuid":"` + h200 + `","ecc":{"remappedCorrectable":500,"remappedUncorrectable":13}}]}`, "513 remapped rows"},
+		{"negative ecc counter", `{"version":1,"gpus":[{"uuid":"` + h200 + `","ecc":{"corrected":-1}}]}`, "corrupt state file"},
+		{"unknown ecc field", `{"version":1,"gpus":[{"uuid":"` + h200 + `","ecc":{"parity":1}}]}`, "unknown field"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -198,6 +201,7 @@ func FuzzLoadState(f *testing.F) {
 		`{"id":2,"profile":9,"start":4,"size":4,"computeInstances":[{"id":0,"processes":[7]}]},{"id":7,"profile":19,"start":0,"size":1}]}]}`))
 	f.Add([]byte(`{"version":1,"gpus":[{"uuid":"` + uuid + `","migCurrent":true,"gpuInstances":[{"id":0,"profile":0,"start":0,"size":8}]}]}`))
 	f.Add([]byte(`{"version":1,"gpus":[{"uuid":"` + uuid + `","gpuInstances":[{"id":13,"profile":19,"start":6,"size":1}]}]}`))
+	f.Add([]byte(`{"version":1,"gpus":[{"uuid":"` + uuid + `","ecc":{"corrected":4,"uncorrected":1,"remappedUncorrectable":1,"remapPending":true}}]}`))
 	f.Add([]byte(`[]`))
 	f.Add([]byte(`{"version":1,"gpus":[{"uuid":"x"}]} trailing`))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -212,6 +216,9 @@ func FuzzLoadState(f *testing.F) {
 			}
 			if len(g.GPUInstances) > 0 && !g.MIGCurrent {
 				t.Fatal("accepted instances on a GPU without MIG mode")
+			}
+			if uint64(g.ECC.RemappedCorrectable)+uint64(g.ECC.RemappedUncorrectable) > maxRemappedRows {
+				t.Fatalf("accepted %+v remapped rows", g.ECC)
 			}
 		}
 		out, err := json.Marshal(st)

@@ -91,9 +91,13 @@ type Gpu struct {
 	MigEnabled  bool          `protobuf:"varint,7,opt,name=mig_enabled,json=migEnabled,proto3" json:"mig_enabled,omitempty"`
 	Profiles    []*MigProfile `protobuf:"bytes,8,rep,name=profiles,proto3" json:"profiles,omitempty"`
 	// The GPU instances that exist now.
-	Instances     []*MigInstance `protobuf:"bytes,9,rep,name=instances,proto3" json:"instances,omitempty"`
-	Serial        string         `protobuf:"bytes,10,opt,name=serial,proto3" json:"serial,omitempty"`
-	VbiosVersion  string         `protobuf:"bytes,11,opt,name=vbios_version,json=vbiosVersion,proto3" json:"vbios_version,omitempty"`
+	Instances    []*MigInstance `protobuf:"bytes,9,rep,name=instances,proto3" json:"instances,omitempty"`
+	Serial       string         `protobuf:"bytes,10,opt,name=serial,proto3" json:"serial,omitempty"`
+	VbiosVersion string         `protobuf:"bytes,11,opt,name=vbios_version,json=vbiosVersion,proto3" json:"vbios_version,omitempty"`
+	// The agent's health verdict from XID and ECC events: an unhealthy GPU
+	// (or a GPU with an unhealthy partition) gets no new leases until reset.
+	Unhealthy     bool   `protobuf:"varint,12,opt,name=unhealthy,proto3" json:"unhealthy,omitempty"`
+	HealthReason  string `protobuf:"bytes,13,opt,name=health_reason,json=healthReason,proto3" json:"health_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -201,6 +205,20 @@ func (x *Gpu) GetSerial() string {
 func (x *Gpu) GetVbiosVersion() string {
 	if x != nil {
 		return x.VbiosVersion
+	}
+	return ""
+}
+
+func (x *Gpu) GetUnhealthy() bool {
+	if x != nil {
+		return x.Unhealthy
+	}
+	return false
+}
+
+func (x *Gpu) GetHealthReason() string {
+	if x != nil {
+		return x.HealthReason
 	}
 	return ""
 }
@@ -828,7 +846,7 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\x19gpuaas/node/v1/node.proto\x12\x0egpuaas.node.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n" +
 	"\tInventory\x12%\n" +
 	"\x0edriver_version\x18\x01 \x01(\tR\rdriverVersion\x12'\n" +
-	"\x04gpus\x18\x02 \x03(\v2\x13.gpuaas.node.v1.GpuR\x04gpus\"\xfa\x02\n" +
+	"\x04gpus\x18\x02 \x03(\v2\x13.gpuaas.node.v1.GpuR\x04gpus\"\xbd\x03\n" +
 	"\x03Gpu\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04uuid\x18\x02 \x01(\tR\x04uuid\x12\x14\n" +
@@ -844,7 +862,9 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\tinstances\x18\t \x03(\v2\x1b.gpuaas.node.v1.MigInstanceR\tinstances\x12\x16\n" +
 	"\x06serial\x18\n" +
 	" \x01(\tR\x06serial\x12#\n" +
-	"\rvbios_version\x18\v \x01(\tR\fvbiosVersion\"\xa7\x01\n" +
+	"\rvbios_version\x18\v \x01(\tR\fvbiosVersion\x12\x1c\n" +
+	"\tunhealthy\x18\f \x01(\bR\tunhealthy\x12#\n" +
+	"\rhealth_reason\x18\r \x01(\tR\fhealthReason\"\xa7\x01\n" +
 	"\n" +
 	"MigProfile\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x05R\x02id\x12\x12\n" +
