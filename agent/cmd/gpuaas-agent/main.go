@@ -7,6 +7,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
 	"github.com/gpuaas/gpuaas/agent/gpu/health"
+	"github.com/gpuaas/gpuaas/agent/gpu/nvml"
 	"github.com/gpuaas/gpuaas/agent/gpu/sim"
 	"github.com/gpuaas/gpuaas/agent/lease"
 	"github.com/gpuaas/gpuaas/agent/partition"
@@ -110,7 +112,9 @@ func (c *Config) Validate() error {
 			return config.FieldError("gpu.sim.gpus", "at least one simulated GPU is required")
 		}
 	case "nvml":
-		return config.FieldError("gpu.backend", "the nvml backend is not built into this agent yet; use sim")
+		if len(c.GPU.Sim.GPUs) > 0 {
+			return config.FieldError("gpu.sim", "only for the sim backend")
+		}
 	default:
 		return config.FieldError("gpu.backend", "must be sim or nvml")
 	}
@@ -183,6 +187,9 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	backend, err := newBackend(cfg)
 	if err != nil {
 		return err
+	}
+	if c, ok := backend.(io.Closer); ok {
+		defer c.Close()
 	}
 	j, err := lease.OpenJournal(filepath.Join(cfg.DataDir, "journal.db"))
 	if err != nil {
@@ -265,6 +272,9 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 }
 
 func newBackend(cfg *Config) (gpu.Backend, error) {
+	if cfg.GPU.Backend == "nvml" {
+		return nvml.New(nvml.Options{})
+	}
 	sc := sim.Config{StatePath: filepath.Join(cfg.DataDir, "sim-gpus.json"), ImmediateModeChange: true}
 	for _, g := range cfg.GPU.Sim.GPUs {
 		sc.GPUs = append(sc.GPUs, sim.GPUConfig{Model: g.Model, MIGEnabled: g.MIGEnabled})

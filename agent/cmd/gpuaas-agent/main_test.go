@@ -27,6 +27,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"bad control plane":  {strings.Replace(base, "cp:7443", "cp", 1), "control_plane"},
 		"no gpus":            {strings.Replace(base, "[{model: H200, mig_enabled: true}]", "[]", 1), "gpu.sim.gpus"},
 		"bad backend":        {strings.Replace(base, "backend: sim", "backend: cuda", 1), "gpu.backend"},
+		"sim gpus on nvml":   {strings.Replace(base, "backend: sim", "backend: nvml", 1), "gpu.sim"},
 		"relative archive":   {base + "image_archives: [img.tar]\n", "image_archives[0]"},
 		"relative socket":    {base + "containerd: {address: run/c.sock}\n", "containerd.address"},
 		"negative grace":     {base + "stop_grace: -1s\n", "stop_grace"},
