@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"errors"
 	"sort"
 
 	"github.com/gpuaas/gpuaas/pkg/errs"
@@ -62,9 +63,11 @@ func instancesOn(g *nodev1.Gpu, held []mig.Instance) []mig.Instance {
 	return out
 }
 
-// Place chooses a node, GPU and MIG placement for the request: the first
-// node (by id) and GPU (by index) that can take it, and on that GPU the
-// planner's least-fragmenting placement.
+// Place chooses a node, GPU and MIG placement for the request with the
+// fleet planner (pkg/mig.PlanAcross): among every eligible GPU of every
+// connected node, the placement that loses the least future capacity, then
+// the fullest GPU. Running partitions never move. Partitions a node reports
+// that no lease holds (made by an operator) count as occupied.
 func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*leasev1.Placement, error) {
 	profileName := req.GetMigProfile()
 	if profileName == "" {
@@ -73,6 +76,12 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 	held := allocations(live)
 	sorted := append([]NodeView(nil), nodes...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].ID < sorted[j].ID })
+	type where struct {
+		node string
+		gpu  *nodev1.Gpu
+	}
+	var states []mig.GPUState
+	var at []where
 	for _, n := range sorted {
 		if req.GetNode() != "" && req.GetNode() != n.ID {
 			continue
@@ -80,28 +89,31 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 		gpus := append([]*nodev1.Gpu(nil), n.GPUs...)
 		sort.Slice(gpus, func(i, j int) bool { return gpus[i].GetIndex() < gpus[j].GetIndex() })
 		for _, g := range gpus {
-			if !g.GetMigEnabled() || g.GetUnhealthy() || (req.GetGpuModel() != "" && req.GetGpuModel() != g.GetModel()) {
+			if req.GetGpuModel() != "" && req.GetGpuModel() != g.GetModel() {
 				continue
 			}
 			model, ok := modelOf(g)
 			if !ok {
 				continue
 			}
-			prof, ok := model.ProfileByName(profileName)
-			if !ok {
-				continue
-			}
-			at, err := model.Place(instancesOn(g, held[g.GetUuid()]), prof.ID)
-			if err != nil {
-				continue
-			}
-			return &leasev1.Placement{
-				Node: n.ID, GpuUuid: g.GetUuid(), GpuModel: g.GetModel(), MigProfile: prof.Name,
-				ProfileId: int32(prof.ID), Start: uint32(at.Start), Size: uint32(at.Size),
-			}, nil
+			states = append(states, mig.GPUState{ID: n.ID + "/" + g.GetUuid(), Model: model,
+				Instances: instancesOn(g, held[g.GetUuid()]), Eligible: g.GetMigEnabled() && !g.GetUnhealthy()})
+			at = append(at, where{n.ID, g})
 		}
 	}
-	return nil, errNoCapacity
+	d, err := mig.PlanAcross(states, mig.Request{ProfileName: profileName})
+	if err != nil {
+		if errors.Is(err, mig.ErrFragmented) {
+			return nil, errs.Wrap(errs.ErrResourceExhausted, "FRAGMENTED", "capacity exists but is fragmented: "+err.Error(), err)
+		}
+		return nil, errNoCapacity
+	}
+	w := at[d.Index]
+	prof, _ := states[d.Index].Model.Profile(d.Profile)
+	return &leasev1.Placement{
+		Node: w.node, GpuUuid: w.gpu.GetUuid(), GpuModel: w.gpu.GetModel(), MigProfile: prof.Name,
+		ProfileId: int32(d.Profile), Start: uint32(d.Placement.Start), Size: uint32(d.Placement.Size),
+	}, nil
 }
 
 // Capacity is how many more partitions of each profile fit on each GPU of a

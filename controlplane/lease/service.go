@@ -253,6 +253,10 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 			}
 		case errors.Is(perr, errs.ErrResourceExhausted):
 			// Stays PENDING; the scheduler retries as capacity appears.
+			var e *errs.Error
+			if errors.As(perr, &e) {
+				l.Reason = "waiting for capacity: " + e.Message
+			}
 		default:
 			return perr
 		}

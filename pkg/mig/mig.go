@@ -1,5 +1,5 @@
 // Package mig is the MIG model, pure: profiles, placements, GPU models and
-// the placement planner. It is shared by the agent and the control plane's
+// the placement planners. It is shared by the agent and the control plane's
 // scheduler and touches no hardware.
 //
 // A MIG-capable GPU has 8 memory slots and 7 compute slices. A GPU instance
@@ -10,9 +10,24 @@
 // profiles are limited in number (one 1g+me per GPU). Model.Check is the one
 // source of truth for these rules; Free, Place and Remaining are built on it.
 //
-// The package never imports agent or controlplane code and never reads the
-// driver: profile sizes here are the published values of each model, and a
-// caller that talks to a real driver should prefer what the driver reports.
+// The parts:
+//
+//   - models.go: the built-in table of known models (A100, H100, H200).
+//   - catalog.go: ModelFromProfiles builds a Model from what a driver
+//     reports, so planning never depends on compiled-in names or sizes; the
+//     table validates known models and stands in while MIG is disabled.
+//   - planner.go: Check, Free, Place and Remaining on one GPU.
+//   - fleet.go: PlanAcross chooses a GPU and placement across a fleet and
+//     explains fragmentation (ErrFragmented).
+//   - layout.go: PlanLayout packs a static layout exhaustively.
+//   - migparted.go: ParseMigParted and Layout read NVIDIA mig-parted's v1
+//     config format into per-GPU layouts.
+//
+// The package never imports agent or controlplane code, never reads files
+// or the driver, and never moves or destroys an instance: it only decides.
+// Profile sizes in the table are the published values of each model; a
+// caller that talks to a real driver should build its model from what the
+// driver reports (ModelFromProfiles).
 package mig
 
 import (
