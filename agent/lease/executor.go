@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
+	"github.com/gpuaas/gpuaas/agent/isolation"
 	"github.com/gpuaas/gpuaas/agent/partition"
 	"github.com/gpuaas/gpuaas/agent/runtime"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
@@ -40,6 +42,18 @@ type Options struct {
 	Resync time.Duration
 	Logger *slog.Logger
 	Now    func() time.Time
+	// Fencer, if set, fences each lease's cgroup with eBPF after its task
+	// is created and before it starts; a lease that cannot be fenced never
+	// starts (fail closed).
+	Fencer isolation.Fencer
+	// FenceUnavailable, if set, is why no Fencer could be built (kernel
+	// without cgroup BPF, no bpffs): every lease fails at its fence step
+	// with it, rather than running unfenced.
+	FenceUnavailable error
+	// BaseDeny is every lease's egress deny list (metadata endpoints,
+	// private ranges, the host, the control plane); a lease's egress_allow
+	// entries are layered over it.
+	BaseDeny []netip.Prefix
 	// Eligible, if set, says whether a GPU may take a new partition (the
 	// health tracker's verdict); an ineligible GPU fails the lease rather
 	// than placing a tenant on failing hardware.
@@ -58,6 +72,8 @@ type Executor struct {
 	mu       sync.Mutex
 	inflight map[string]bool
 	wg       sync.WaitGroup
+	// adopted are the fences this executor has checked since it started.
+	adopted sync.Map
 }
 
 // New returns an executor.
@@ -159,6 +175,9 @@ func (e *Executor) Observed() (*agentv1.ObservedState, error) {
 func (e *Executor) Run(ctx context.Context) error {
 	if err := e.removeOrphans(ctx); err != nil {
 		e.o.Logger.Warn("orphan sweep failed", "err", err)
+	}
+	if err := e.sweepFences(); err != nil {
+		e.o.Logger.Warn("fence sweep failed", "err", err)
 	}
 	t := time.NewTicker(e.o.Resync)
 	defer t.Stop()
@@ -279,7 +298,8 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 // failure classes that no retry will fix.
 func permanent(err error) bool {
 	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) || errors.Is(err, ErrGPUUnhealthy) ||
-		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec)
+		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec) ||
+		errors.Is(err, isolation.ErrUnsupported) || errors.Is(err, isolation.ErrAttach) || errors.Is(err, isolation.ErrInvalidPolicy) || errors.Is(err, errNoCgroup)
 }
 
 func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) error {
@@ -346,6 +366,9 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 			return err
 		}
 	}
+	if err := e.ensureFence(ctx, r, l, dev, st); err != nil {
+		return e.fail(ctx, r, err, "fence")
+	}
 	switch st.State {
 	case runtime.StateCreated, runtime.StateNoTask:
 		if st, err = e.o.Runtime.Start(ctx, cid); err != nil {
@@ -393,7 +416,7 @@ func (e *Executor) fail(ctx context.Context, r *Record, err error, step string) 
 
 // reasonOf is the part of an error safe to report upstream: its class.
 func reasonOf(err error) string {
-	for _, c := range []error{ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
+	for _, c := range []error{isolation.ErrUnsupported, isolation.ErrAttach, isolation.ErrInvalidPolicy, errNoCgroup, ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
 		runtime.ErrImageNotFound, runtime.ErrInvalidSpec, runtime.ErrNotFound} {
 		if errors.Is(err, c) {
 			return c.Error()
@@ -431,6 +454,16 @@ func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase,
 			return err
 		}
 		r.ContainerID = cid // keep it in the report
+	}
+	if r.Fenced && e.o.Fencer != nil {
+		if err := e.o.Fencer.Detach(r.LeaseID); err != nil {
+			return fmt.Errorf("detach fence: %w", err)
+		}
+		r.Fenced = false
+		e.adopted.Delete(r.LeaseID)
+		if err := e.save(r, event("fence.detach", r.LeaseID, "lease/"+r.LeaseID, auditlog.OutcomeSuccess, reason, nil, e.o.Now())); err != nil {
+			return err
+		}
 	}
 	if r.HasGI {
 		if err := partition.Destroy(ctx, e.o.GPU, r.GPUUUID, r.GIID); err != nil {
@@ -473,4 +506,103 @@ func (e *Executor) removeOrphans(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// errNoCgroup: the runtime could not say where the task's cgroup is.
+var errNoCgroup = errors.New("task cgroup unknown")
+
+// Policy is the eBPF policy for a lease on its partition: the standard
+// container devices and exactly the partition's nodes (capability nodes
+// read-only), the base egress deny list and the lease's allow entries.
+func Policy(l *leasev1.Lease, dev gpu.MIGDevice, baseDeny []netip.Prefix) (isolation.Policy, error) {
+	p := isolation.Policy{DenyPrefixes: baseDeny}
+	for _, n := range dev.DeviceNodes {
+		access := "rw"
+		if strings.Contains(n.Path, "nvidia-caps/") {
+			access = "r"
+		}
+		p.Devices = append(p.Devices, isolation.CharDevice(n.Major, n.Minor, access))
+	}
+	for _, c := range l.GetSpec().GetWorkload().GetEgressAllow() {
+		pfx, err := netip.ParsePrefix(c)
+		if err != nil {
+			return p, fmt.Errorf("%w: egress_allow %q: %v", isolation.ErrInvalidPolicy, c, err)
+		}
+		p.AllowPrefixes = append(p.AllowPrefixes, pfx)
+	}
+	return p, p.Validate()
+}
+
+// ensureFence fences a created task before it starts, and checks (once per
+// executor run) that a running lease's pinned fence is still there,
+// re-fencing it if not.
+func (e *Executor) ensureFence(ctx context.Context, r *Record, l *leasev1.Lease, dev gpu.MIGDevice, st runtime.Status) error {
+	if st.State == runtime.StateStopped {
+		return nil
+	}
+	if e.o.Fencer == nil {
+		if e.o.FenceUnavailable != nil {
+			return fmt.Errorf("%w: %v", isolation.ErrUnsupported, e.o.FenceUnavailable)
+		}
+		return nil
+	}
+	if _, ok := e.adopted.Load(r.LeaseID); ok && r.Fenced {
+		return nil
+	}
+	if r.Fenced {
+		if _, err := e.o.Fencer.Adopt(r.LeaseID); err == nil {
+			e.adopted.Store(r.LeaseID, true)
+			return nil
+		} else if !errors.Is(err, isolation.ErrNotFenced) {
+			return err
+		}
+		e.o.Logger.Warn("fence of a running lease was gone; fencing again", "lease", r.LeaseID)
+	}
+	cg := st.CgroupPath
+	if cg == "" && st.Pid != 0 {
+		var err error
+		if cg, err = isolation.CgroupDirOfPID(int(st.Pid)); err != nil {
+			return fmt.Errorf("%w: %v", errNoCgroup, err)
+		}
+	}
+	if cg == "" {
+		return errNoCgroup
+	}
+	pol, err := Policy(l, dev, e.o.BaseDeny)
+	if err != nil {
+		return err
+	}
+	d, err := e.o.Fencer.Fence(r.LeaseID, cg, pol)
+	if err != nil {
+		return err
+	}
+	progs := make([]string, 0, len(d.Programs))
+	for _, p := range d.Programs {
+		progs = append(progs, fmt.Sprintf("%s:%d:%s", p.Attach, p.ProgramID, p.Tag))
+	}
+	r.Fenced = true
+	e.adopted.Store(r.LeaseID, true)
+	return e.save(r, event("fence.attach", r.LeaseID, "lease/"+r.LeaseID, auditlog.OutcomeSuccess, "",
+		map[string]string{"cgroup": d.Cgroup, "programs": strings.Join(progs, ","), "devices": fmt.Sprint(len(d.Devices)),
+			"deny_prefixes": fmt.Sprint(len(d.DenyPrefixes)), "allow_prefixes": fmt.Sprint(len(d.AllowPrefixes))}, e.o.Now()))
+}
+
+// sweepFences removes pinned fences no live lease accounts for.
+func (e *Executor) sweepFences() error {
+	if e.o.Fencer == nil {
+		return nil
+	}
+	recs, err := e.o.Journal.Records()
+	if err != nil {
+		return err
+	}
+	gone, err := e.o.Fencer.Sweep(func(id string) bool {
+		r, ok := recs[id]
+		return ok && r.Fenced && !terminal(r.Phase)
+	})
+	for _, id := range gone {
+		e.o.Logger.Warn("removed orphan fence", "lease", id)
+		_ = e.o.Journal.AddEvents(event("fence.orphan_removed", id, "lease/"+id, auditlog.OutcomeSuccess, "no lease accounts for it", nil, e.o.Now()))
+	}
+	return err
 }

@@ -62,6 +62,9 @@ type Record struct {
 	// Created is set once the runtime created the container, so teardown
 	// audits a stop only for a container that existed.
 	Created bool `json:"created,omitempty"`
+	// Fenced is set once the lease's eBPF fence is attached; teardown
+	// detaches it.
+	Fenced bool `json:"fenced,omitempty"`
 	// Final is the phase a teardown in progress ends in; a TERMINATING
 	// record with Final set resumes its teardown and never provisions again.
 	Final leasev1.Phase `json:"final,omitempty"`

@@ -159,6 +159,12 @@ func (c *Cluster) CPDataDir() string { return filepath.Join(c.Dir, "controlplane
 // AgentDataDir is an agent's data directory.
 func (c *Cluster) AgentDataDir(node string) string { return filepath.Join(c.Dir, "agent-"+node) }
 
+// PinRoot is where an agent pins its leases' eBPF fences: unique per
+// cluster, removed at Close.
+func (c *Cluster) PinRoot(node string) string {
+	return filepath.Join("/sys/fs/bpf", c.Namespace+"-"+node)
+}
+
 // ContainerLog is where a lease's container output goes.
 func (c *Cluster) ContainerLog(node, leaseID string) string {
 	return filepath.Join(c.AgentDataDir(node), "logs", leaseID+".log")
@@ -242,10 +248,12 @@ gpu:
 %simage_archives:
   - %q
 stop_grace: %s
+isolation:
+  pin_root: %q
 log:
   level: %s
 `, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(), c.Namespace,
-		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.opts.LogLevel)
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.opts.LogLevel)
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {
 		return err
@@ -404,11 +412,11 @@ func (c *Cluster) Close() error {
 	if c.Containerd != nil {
 		errs = append(errs, c.Containerd.Close())
 		// The namespace's (now empty) runc state dir and parent cgroups.
-		for _, d := range append(harness.CgroupDirs("/"+c.Namespace), filepath.Join("/run/containerd/runc", c.Namespace)) {
-			if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
-				errs = append(errs, fmt.Errorf("remove %s: %w", d, err))
-			}
-		}
+		errs = append(errs, harness.RemoveNamespaceDirs(c.Namespace))
+	}
+	// Fences outlive their agent by design; the cluster's go with it.
+	for node := range c.opts.Agents {
+		errs = append(errs, os.RemoveAll(c.PinRoot(node)))
 	}
 	if c.ownDir {
 		errs = append(errs, os.RemoveAll(c.Dir))

@@ -139,7 +139,7 @@ func TestLeaseEndToEnd(t *testing.T) {
 
 	// Three leases of different profiles, plus two workloads that exit.
 	start := time.Now()
-	long := []string{"sh", "-c", "echo gpu=$NVIDIA_VISIBLE_DEVICES uid=$(id -u); while true; do sleep 1; done"}
+	long := []string{"sh", "-c", "echo gpu=$NVIDIA_VISIBLE_DEVICES uid=$(id -u); nc -w 2 169.254.169.254 80 </dev/null 2>&1 | head -1; while true; do sleep 1; done"}
 	a := create(t, ctx, lc, mkReq("a", "1g.18gb", time.Hour, long...))
 	b := create(t, ctx, lc, mkReq("b", "3g.71gb", time.Hour, long...))
 	h100 := create(t, ctx, lc, mkReq("c", "2g.20gb", time.Hour, long...))
@@ -178,11 +178,20 @@ func TestLeaseEndToEnd(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if !strings.Contains(string(out), "gpu=MIG-") || !strings.Contains(string(out), "uid=65534") {
+		// The metadata endpoint is refused by the lease's eBPF fence
+		// (EPERM), not merely unroutable.
+		if !strings.Contains(string(out), "gpu=MIG-") || !strings.Contains(string(out), "uid=65534") || !strings.Contains(string(out), "Operation not permitted") {
 			return errors.New("log: " + string(out))
 		}
 		return nil
 	})
+
+	// Every running lease is fenced: its programs are pinned.
+	for _, l := range []*leasev1.Lease{a, b, h100} {
+		if _, err := os.Stat(filepath.Join(c.PinRoot("node-a"), l.GetId())); err != nil {
+			t.Fatalf("lease %s has no pinned fence: %v", l.GetId(), err)
+		}
+	}
 
 	// Kill -9 the agent while leases run: the containers keep running, and
 	// the restarted agent adopts them instead of duplicating them.
@@ -224,6 +233,9 @@ func TestLeaseEndToEnd(t *testing.T) {
 	}
 	if _, ok := tasks(t, ctx, c)[got.GetStatus().GetContainerId()]; ok {
 		t.Fatal("cancelled lease's container still exists")
+	}
+	if _, err := os.Stat(filepath.Join(c.PinRoot("node-a"), a.GetId())); !os.IsNotExist(err) {
+		t.Fatalf("cancelled lease's fence is still pinned: %v", err)
 	}
 
 	// Expiry with the control plane down: the agent ends the lease on its
@@ -296,7 +308,7 @@ func TestLeaseEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, action := range []string{"lease.create", "lease.cancel", "lease.running", "lease.terminated", "lease.failed",
+	for _, action := range []string{"lease.create", "lease.cancel", "lease.running", "lease.terminated", "lease.failed", "agent.fence.attach", "agent.fence.detach", "agent.fence.deny",
 		"agent.partition.create", "agent.container.start", "agent.container.stop", "agent.partition.destroy"} {
 		if !strings.Contains(list, action) {
 			t.Errorf("audit log has no %s entry", action)

@@ -56,3 +56,17 @@ func CgroupDirs(rel string) []string {
 	}
 	return existing
 }
+
+// RemoveNamespaceDirs removes what runc leaves per containerd namespace
+// once its last container is gone: the empty parent cgroups and runc's
+// state directory. Call it only for a namespace no other containerd on the
+// host is using (a unique one, or a package's own at its end).
+func RemoveNamespaceDirs(ns string) error {
+	var errs []error
+	for _, d := range append(CgroupDirs("/"+ns), filepath.Join(runcRoot, ns)) {
+		if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}

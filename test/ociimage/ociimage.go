@@ -49,7 +49,7 @@ var Applets = []string{
 	"echo", "env", "false", "grep", "head", "hostname", "id", "kill", "ln",
 	"ls", "mkdir", "mknod", "mount", "mv", "nproc", "ps", "pwd", "readlink",
 	"rm", "sed", "seq", "sh", "sleep", "stat", "tail", "tee", "test", "touch",
-	"tr", "true", "uname", "wc", "whoami", "yes",
+	"tr", "true", "uname", "wc", "whoami", "nc", "yes",
 }
 
 // Options describe the image to build.

@@ -10,9 +10,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -24,6 +26,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/gpu/health"
 	"github.com/gpuaas/gpuaas/agent/gpu/nvml"
 	"github.com/gpuaas/gpuaas/agent/gpu/sim"
+	"github.com/gpuaas/gpuaas/agent/isolation"
 	"github.com/gpuaas/gpuaas/agent/lease"
 	"github.com/gpuaas/gpuaas/agent/partition"
 	"github.com/gpuaas/gpuaas/agent/runtime"
@@ -65,6 +68,13 @@ type Config struct {
 		} `yaml:"sim"`
 	} `yaml:"gpu"`
 	// ImageArchives are OCI archives imported at start (air-gapped hosts).
+	Isolation struct {
+		// Disabled turns eBPF fencing off (development only: leases then
+		// run with only the runtime's device cgroup).
+		Disabled bool `yaml:"disabled"`
+		// PinRoot is where fences are pinned in bpffs.
+		PinRoot string `yaml:"pin_root"`
+	} `yaml:"isolation"`
 	ImageArchives []string        `yaml:"image_archives"`
 	StopGrace     config.Duration `yaml:"stop_grace"`
 	Log           struct {
@@ -122,6 +132,12 @@ func (c *Config) Validate() error {
 		if !filepath.IsAbs(p) {
 			return config.FieldError(fmt.Sprintf("image_archives[%d]", i), "must be an absolute path")
 		}
+	}
+	if c.Isolation.PinRoot == "" {
+		c.Isolation.PinRoot = "/sys/fs/bpf/gpuaas"
+	}
+	if !filepath.IsAbs(c.Isolation.PinRoot) {
+		return config.FieldError("isolation.pin_root", "must be an absolute path")
 	}
 	if c.StopGrace == 0 {
 		c.StopGrace = config.Duration(10 * time.Second)
@@ -242,8 +258,25 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}
 		return false, ""
 	}
-	exec = lease.New(lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log,
-		Eligible: func(uuid string) bool { bad, _ := unhealthy(uuid); return !bad }})
+	opts := lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log,
+		Eligible: func(uuid string) bool { bad, _ := unhealthy(uuid); return !bad }}
+	if !cfg.Isolation.Disabled {
+		enf, err := isolation.NewEnforcer(isolation.Config{PinRoot: cfg.Isolation.PinRoot, Logger: log})
+		if err != nil {
+			// Fail closed: the agent runs (so operators see why) but no
+			// lease starts unfenced.
+			log.Error("eBPF isolation unavailable; leases will fail to start", "err", err)
+			opts.FenceUnavailable = err
+		} else {
+			defer enf.Close()
+			opts.Fencer = enf
+			if opts.BaseDeny, err = baseDeny(cfg.ControlPlane); err != nil {
+				return err
+			}
+			go auditDenials(ctx, enf, j, log)
+		}
+	}
+	exec = lease.New(opts)
 	go func() {
 		if err := tracker.Run(ctx, backend); err != nil && ctx.Err() == nil {
 			log.Error("gpu health monitoring stopped; GPUs are no longer vouched for", "err", err)
@@ -280,4 +313,48 @@ func newBackend(cfg *Config) (gpu.Backend, error) {
 		sc.GPUs = append(sc.GPUs, sim.GPUConfig{Model: g.Model, MIGEnabled: g.MIGEnabled})
 	}
 	return sim.New(sc)
+}
+
+// baseDeny is every lease's egress deny list: the default list (metadata,
+// private and special ranges), the host's own addresses and the control
+// plane's.
+func baseDeny(controlPlane string) ([]netip.Prefix, error) {
+	deny := isolation.DefaultDenyPrefixes()
+	host, err := isolation.HostAddresses()
+	if err != nil {
+		return nil, fmt.Errorf("host addresses: %w", err)
+	}
+	deny = append(deny, host...)
+	h, _, _ := net.SplitHostPort(controlPlane)
+	addrs, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", h)
+	if err != nil {
+		return nil, fmt.Errorf("resolve control plane %s: %w", h, err)
+	}
+	for _, a := range addrs {
+		a = a.Unmap()
+		deny = append(deny, netip.PrefixFrom(a, a.BitLen()))
+	}
+	return deny, nil
+}
+
+// auditDenials turns the fences' deny events into aggregated, rate-limited
+// audit events (one summary per lease and kind per interval).
+func auditDenials(ctx context.Context, enf *isolation.Enforcer, j *lease.Journal, log *slog.Logger) {
+	events, err := enf.Events(ctx)
+	if err != nil {
+		log.Error("deny events unavailable", "err", err)
+		return
+	}
+	for sum := range isolation.NewAggregator(10*time.Second).Run(ctx, events) {
+		var targets []string
+		for _, t := range sum.Targets {
+			targets = append(targets, fmt.Sprintf("%s=%d", t.Target, t.Count))
+		}
+		ev := &agentv1.AuditEvent{Time: timestamppb.New(sum.Last), Action: "fence.deny", LeaseId: sum.LeaseID, Resource: "lease/" + sum.LeaseID,
+			Outcome: "denied", Reason: string(sum.Kind) + " denied by the lease's fence",
+			Details: map[string]string{"count": fmt.Sprint(sum.Count), "targets": strings.Join(targets, " "), "other": fmt.Sprint(sum.Other)}}
+		if err := j.AddEvents(ev); err != nil {
+			log.Error("journal deny summary", "err", err)
+		}
+	}
 }
