@@ -351,7 +351,7 @@ func auditDenials(ctx context.Context, enf *isolation.Enforcer, j *lease.Journal
 			targets = append(targets, fmt.Sprintf("%s=%d", t.Target, t.Count))
 		}
 		ev := &agentv1.AuditEvent{Time: timestamppb.New(sum.Last), Action: "fence.deny", LeaseId: sum.LeaseID, Resource: "lease/" + sum.LeaseID,
-			Outcome: "denied", Reason: string(sum.Kind) + " denied by the lease's fence",
+			Outcome: "denied", Reason: sum.Kind.String() + " denied by the lease's fence",
 			Details: map[string]string{"count": fmt.Sprint(sum.Count), "targets": strings.Join(targets, " "), "other": fmt.Sprint(sum.Other)}}
 		if err := j.AddEvents(ev); err != nil {
 			log.Error("journal deny summary", "err", err)

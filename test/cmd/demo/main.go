@@ -100,7 +100,7 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	}
 
 	step("creating three leases of different profiles")
-	loop := "echo hello from $(hostname) on $NVIDIA_VISIBLE_DEVICES as uid $(id -u); i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done"
+	loop := "echo hello from $(hostname) on $NVIDIA_VISIBLE_DEVICES as uid $(id -u); echo cloud metadata: $(nc -w 2 169.254.169.254 80 </dev/null 2>&1); i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done"
 	type demoLease struct{ name, id string }
 	var leases []demoLease
 	start := time.Now()
@@ -135,7 +135,7 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	time.Sleep(1500 * time.Millisecond)
 	for _, l := range leases {
 		out, _ := os.ReadFile(c.ContainerLog("node-a", l.id))
-		fmt.Printf("--- output of %s (%s):\n%s", l.name, l.id, indent(lastLines(string(out), 3)))
+		fmt.Printf("--- output of %s (%s):\n%s", l.name, l.id, indent(lastLines(string(out), 4)))
 	}
 
 	step("cancelling %s", leases[0].name)
