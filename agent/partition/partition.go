@@ -2,7 +2,9 @@
 // host and back: it creates the GPU instance at exactly the placement the
 // control plane chose and its compute instance, adopts what a crashed agent
 // left half-done, and destroys children before parents. It never touches a
-// partition it was not asked about.
+// partition it was not asked about: the lease path (Ensure, Destroy) works
+// on one lease's partition, and the reconciler (Reconcile, ApplyStatic) only
+// on the GPUs it is given, never on an instance a running lease holds.
 package partition
 
 import (

@@ -81,6 +81,9 @@ type Cluster struct {
 	// at Close without racing another test's containerd.
 	Namespace string
 
+	// MetricsAddr is each agent's Prometheus endpoint (host:port).
+	MetricsAddr map[string]string
+
 	mu     sync.Mutex
 	cp     *Proc
 	agents map[string]*Proc
@@ -135,6 +138,12 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	}
 	if err := c.StartControlPlane(ctx); err != nil {
 		return nil, err
+	}
+	c.MetricsAddr = map[string]string{}
+	for _, n := range nodes {
+		if c.MetricsAddr[n], err = freeAddr(); err != nil {
+			return nil, err
+		}
 	}
 	for _, n := range nodes {
 		if err := c.StartAgent(ctx, n); err != nil {
@@ -250,10 +259,11 @@ gpu:
 stop_grace: %s
 isolation:
   pin_root: %q
+metrics_listen: %q
 log:
   level: %s
 `, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(), c.Namespace,
-		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.opts.LogLevel)
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.opts.LogLevel)
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {
 		return err

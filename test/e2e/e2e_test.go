@@ -5,6 +5,8 @@ package e2e
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -184,6 +186,22 @@ func TestLeaseEndToEnd(t *testing.T) {
 			return errors.New("log: " + string(out))
 		}
 		return nil
+	})
+
+	// The fence's refusals are counted in the agent's metrics.
+	waitUntil(t, 20*time.Second, func() error {
+		resp, err := http.Get("http://" + c.MetricsAddr["node-a"] + "/metrics")
+		if err != nil {
+			return err
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, line := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(line, `gpuaas_agent_fence_denials_total{kind="connect"} `) && !strings.HasSuffix(line, " 0") {
+				return nil
+			}
+		}
+		return errors.New("no connect denial counted")
 	})
 
 	// Every running lease is fenced: its programs are pinned.

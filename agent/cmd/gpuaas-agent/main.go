@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -31,6 +32,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/partition"
 	"github.com/gpuaas/gpuaas/agent/runtime"
 	"github.com/gpuaas/gpuaas/agent/session"
+	"github.com/gpuaas/gpuaas/agent/telemetry"
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
@@ -75,6 +77,9 @@ type Config struct {
 		// PinRoot is where fences are pinned in bpffs.
 		PinRoot string `yaml:"pin_root"`
 	} `yaml:"isolation"`
+	// MetricsListen serves Prometheus metrics at /metrics (host:port);
+	// empty turns it off.
+	MetricsListen string          `yaml:"metrics_listen"`
 	ImageArchives []string        `yaml:"image_archives"`
 	StopGrace     config.Duration `yaml:"stop_grace"`
 	Log           struct {
@@ -131,6 +136,11 @@ func (c *Config) Validate() error {
 	for i, p := range c.ImageArchives {
 		if !filepath.IsAbs(p) {
 			return config.FieldError(fmt.Sprintf("image_archives[%d]", i), "must be an absolute path")
+		}
+	}
+	if c.MetricsListen != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			return config.FieldError("metrics_listen", "must be host:port: %v", err)
 		}
 	}
 	if c.Isolation.PinRoot == "" {
@@ -228,6 +238,18 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err := os.MkdirAll(logDir, 0o750); err != nil {
 		return err
 	}
+	metrics := telemetry.New()
+	if cfg.MetricsListen != "" {
+		lis, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics_listen %s: %w", cfg.MetricsListen, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", metrics.Handler())
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = srv.Serve(lis) }()
+		defer srv.Close()
+	}
 	devs, err := backend.Devices(ctx)
 	if err != nil {
 		return fmt.Errorf("list gpus: %w", err)
@@ -235,12 +257,18 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	var uuids []string
 	for _, d := range devs {
 		uuids = append(uuids, d.UUID)
+		metrics.GPUHealthy.WithLabelValues(d.UUID).Set(1)
 	}
 	var exec *lease.Executor
 	tracker := health.NewTracker(health.Options{GPUs: uuids, OnChange: func(c health.Change) {
 		// Every health change is an audit event; the next report carries
 		// the new verdict so the control plane stops placing there.
 		log.Warn("gpu health changed", "gpu", c.GPU, "gi", c.GI, "to", c.To.String(), "reason", c.Reason, "xid", c.XID)
+		healthy := 1.0
+		if c.To == health.Unhealthy {
+			healthy = 0 // a GPU with any unhealthy partition takes no new leases
+		}
+		metrics.GPUHealthy.WithLabelValues(c.GPU).Set(healthy)
 		ev := &agentv1.AuditEvent{Time: timestamppb.New(c.Time), Action: "gpu.health", Resource: fmt.Sprintf("gpu/%s/gi/%d", c.GPU, c.GI),
 			Outcome: "success", Reason: c.Reason, Details: map[string]string{"from": c.From.String(), "to": c.To.String(), "xid": fmt.Sprint(c.XID), "clear": c.Clear.String()}}
 		if err := j.AddEvents(ev); err != nil {
@@ -273,7 +301,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			if opts.BaseDeny, err = baseDeny(cfg.ControlPlane); err != nil {
 				return err
 			}
-			go auditDenials(ctx, enf, j, log)
+			go auditDenials(ctx, enf, j, metrics, log)
 		}
 	}
 	exec = lease.New(opts)
@@ -339,13 +367,14 @@ func baseDeny(controlPlane string) ([]netip.Prefix, error) {
 
 // auditDenials turns the fences' deny events into aggregated, rate-limited
 // audit events (one summary per lease and kind per interval).
-func auditDenials(ctx context.Context, enf *isolation.Enforcer, j *lease.Journal, log *slog.Logger) {
+func auditDenials(ctx context.Context, enf *isolation.Enforcer, j *lease.Journal, m *telemetry.Metrics, log *slog.Logger) {
 	events, err := enf.Events(ctx)
 	if err != nil {
 		log.Error("deny events unavailable", "err", err)
 		return
 	}
 	for sum := range isolation.NewAggregator(10*time.Second).Run(ctx, events) {
+		m.FenceDenials.WithLabelValues(sum.Kind.String()).Add(float64(sum.Count))
 		var targets []string
 		for _, t := range sum.Targets {
 			targets = append(targets, fmt.Sprintf("%s=%d", t.Target, t.Count))
