@@ -35,8 +35,10 @@ import (
 	"github.com/gpuaas/gpuaas/agent/telemetry"
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
+	"github.com/gpuaas/gpuaas/pkg/mig"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
@@ -77,6 +79,15 @@ type Config struct {
 		// PinRoot is where fences are pinned in bpffs.
 		PinRoot string `yaml:"pin_root"`
 	} `yaml:"isolation"`
+	// MIG chooses how partitions are made: per lease (default), or a
+	// static mig-parted layout applied at start for operators who
+	// pre-partition.
+	MIG struct {
+		Static struct {
+			ConfigFile string `yaml:"config_file"`
+			ConfigName string `yaml:"config_name"`
+		} `yaml:"static"`
+	} `yaml:"mig"`
 	// MetricsListen serves Prometheus metrics at /metrics (host:port);
 	// empty turns it off.
 	MetricsListen string          `yaml:"metrics_listen"`
@@ -87,8 +98,9 @@ type Config struct {
 		JSON  bool   `yaml:"json"`
 	} `yaml:"log"`
 
-	td    spiffeid.TrustDomain
-	level slog.Level
+	td        spiffeid.TrustDomain
+	level     slog.Level
+	migParted *mig.MigPartedConfig
 }
 
 // Validate implements config.Validator.
@@ -137,6 +149,26 @@ func (c *Config) Validate() error {
 		if !filepath.IsAbs(p) {
 			return config.FieldError(fmt.Sprintf("image_archives[%d]", i), "must be an absolute path")
 		}
+	}
+	if st := c.MIG.Static; st.ConfigFile != "" || st.ConfigName != "" {
+		if st.ConfigFile == "" || !filepath.IsAbs(st.ConfigFile) {
+			return config.FieldError("mig.static.config_file", "must be an absolute path")
+		}
+		if st.ConfigName == "" {
+			return config.FieldError("mig.static.config_name", "is required with mig.static.config_file")
+		}
+		data, err := os.ReadFile(st.ConfigFile)
+		if err != nil {
+			return config.FieldError("mig.static.config_file", "%v", err)
+		}
+		mp, err := mig.ParseMigParted(data)
+		if err != nil {
+			return config.FieldError("mig.static.config_file", "%v", err)
+		}
+		if _, ok := mp.Config(st.ConfigName); !ok {
+			return config.FieldError("mig.static.config_name", "no config %q in %s (it has %s)", st.ConfigName, st.ConfigFile, strings.Join(mp.Names(), ", "))
+		}
+		c.migParted = mp
 	}
 	if c.MetricsListen != "" {
 		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
@@ -236,6 +268,9 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	logDir := filepath.Join(cfg.DataDir, "logs")
 	if err := os.MkdirAll(logDir, 0o750); err != nil {
+		return err
+	}
+	if err := reconcilePartitions(ctx, cfg, backend, j, log); err != nil {
 		return err
 	}
 	metrics := telemetry.New()
@@ -386,4 +421,63 @@ func auditDenials(ctx context.Context, enf *isolation.Enforcer, j *lease.Journal
 			log.Error("journal deny summary", "err", err)
 		}
 	}
+}
+
+// reconcilePartitions repairs what a crash left between a MIG call and its
+// record, then, in static mode, applies the configured mig-parted layout.
+// Partitions held by live leases are never touched.
+func reconcilePartitions(ctx context.Context, cfg *Config, backend gpu.Backend, j *lease.Journal, log *slog.Logger) error {
+	intents, err := partition.OpenIntentLog(filepath.Join(cfg.DataDir, "partition-intents.db"))
+	if err != nil {
+		return err
+	}
+	defer intents.Close()
+	rc := partition.ReconcilerConfig{Backend: backend, Intents: intents, Logger: log}
+	if s, ok := backend.(*sim.Sim); ok {
+		rc.Reset = partition.ResetFunc(func(_ context.Context, uuid string) error { return s.ResetGPU(uuid) })
+	}
+	rec, err := partition.NewReconciler(rc)
+	if err != nil {
+		return err
+	}
+	recs, err := j.Records()
+	if err != nil {
+		return err
+	}
+	protected := func(gpuUUID string, gi int) bool {
+		for _, r := range recs {
+			if r.HasGI && r.GPUUUID == gpuUUID && r.GIID == gi && r.Phase != leasev1.Phase_PHASE_TERMINATED && r.Phase != leasev1.Phase_PHASE_FAILED {
+				return true
+			}
+		}
+		return false
+	}
+	report, err := rec.Recover(ctx, protected)
+	if err != nil {
+		return fmt.Errorf("recover partitions: %w", err)
+	}
+	if cfg.migParted != nil {
+		if report, err = partition.ApplyStatic(ctx, rec, cfg.migParted, cfg.MIG.Static.ConfigName, backend, protected); err != nil {
+			return fmt.Errorf("apply mig-parted config %s: %w", cfg.MIG.Static.ConfigName, err)
+		}
+	}
+	var events []*agentv1.AuditEvent
+	for _, g := range report.GPUs {
+		for _, c := range g.Conflicts {
+			log.Warn("mig layout conflict", "gpu", c.GPUUUID, "reason", string(c.Reason), "detail", c.Detail)
+		}
+		for _, set := range []struct {
+			action string
+			refs   []partition.InstanceRef
+		}{{"partition.create", g.Created}, {"partition.destroy", g.Destroyed}, {"partition.adopt", g.Adopted}} {
+			for _, in := range set.refs {
+				events = append(events, &agentv1.AuditEvent{Time: timestamppb.Now(), Action: set.action, Resource: fmt.Sprintf("gpu/%s/gi/%d", g.GPUUUID, in.GIID),
+					Outcome: "success", Reason: "mig reconcile", Details: map[string]string{"profile": fmt.Sprint(int(in.Profile)), "placement": in.Placement.String()}})
+			}
+		}
+	}
+	if len(events) > 0 {
+		return j.AddEvents(events...)
+	}
+	return nil
 }

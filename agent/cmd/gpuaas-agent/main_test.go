@@ -1,10 +1,15 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/gpuaas/gpuaas/agent/lease"
 	"github.com/gpuaas/gpuaas/pkg/config"
 )
 
@@ -40,5 +45,73 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 				t.Fatalf("err = %v, want one naming %s", err, tc.key)
 			}
 		})
+	}
+}
+
+const migParted = `version: v1
+mig-configs:
+  all-disabled:
+    - devices: all
+      mig-enabled: false
+  balanced:
+    - devices: all
+      mig-enabled: true
+      mig-devices:
+        "1g.18gb": 2
+        "2g.35gb": 1
+        "3g.71gb": 1
+`
+
+func TestStaticMIGConfig(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "mig.yaml")
+	if err := os.WriteFile(file, []byte(migParted), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := "node: node-a\ncontrol_plane: cp:7443\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\ndata_dir: " + dir + "\ngpu:\n  backend: sim\n  sim:\n    gpus: [{model: H200, mig_enabled: true}]\n"
+	var c Config
+	if err := config.Decode([]byte(base+"mig:\n  static: {config_file: "+file+", config_name: balanced}\n"), &c); err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range map[string]struct{ body, key string }{
+		"unknown name": {base + "mig:\n  static: {config_file: " + file + ", config_name: nope}\n", "mig.static.config_name"},
+		"no name":      {base + "mig:\n  static: {config_file: " + file + "}\n", "mig.static.config_name"},
+		"missing file": {base + "mig:\n  static: {config_file: /nonexistent.yaml, config_name: balanced}\n", "mig.static.config_file"},
+	} {
+		var bad Config
+		if err := config.Decode([]byte(tc.body), &bad); !errors.Is(err, config.ErrInvalid) || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%s: err = %v, want one naming %s", name, err, tc.key)
+		}
+	}
+
+	// The agent applies the layout at start, and audits what it made.
+	backend, err := newBackend(&c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := lease.OpenJournal(filepath.Join(dir, "journal.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	log := slog.New(slog.DiscardHandler)
+	if err := reconcilePartitions(context.Background(), &c, backend, j, log); err != nil {
+		t.Fatal(err)
+	}
+	devs, _ := backend.Devices(context.Background())
+	gis, err := backend.GPUInstances(context.Background(), devs[0].UUID)
+	if err != nil || len(gis) != 4 {
+		t.Fatalf("gpu instances after static apply: %v %v", gis, err)
+	}
+	evs, _ := j.PendingEvents(100)
+	if len(evs) != 4 || evs[0].GetAction() != "partition.create" {
+		t.Fatalf("audit events: %v", evs)
+	}
+	// Applying again changes nothing.
+	if err := reconcilePartitions(context.Background(), &c, backend, j, log); err != nil {
+		t.Fatal(err)
+	}
+	if evs, _ := j.PendingEvents(100); len(evs) != 4 {
+		t.Fatalf("second apply audited %d events", len(evs)-4)
 	}
 }
