@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need on a fresh Debian 12
 # machine, idempotently: Debian packages (containerd, runc, busybox-static,
-# protoc) and the pinned Go tools, cached under .cache/ keyed by version.
+# protoc, docker-registry and skopeo for the image pull tests) and the
+# pinned Go tools, cached under .cache/ keyed by version.
 # Fast (well under a second) when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in containerd:containerd runc:runc busybox:busybox-static protoc:protobuf-compiler ip:iproute2; do
+for pair in containerd:containerd runc:runc busybox:busybox-static protoc:protobuf-compiler ip:iproute2 docker-registry:docker-registry skopeo:skopeo; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

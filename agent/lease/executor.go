@@ -74,6 +74,8 @@ type Executor struct {
 	wg       sync.WaitGroup
 	// adopted are the fences this executor has checked since it started.
 	adopted sync.Map
+	// imageTries counts failed image resolutions per lease (*int).
+	imageTries sync.Map
 }
 
 // New returns an executor.
@@ -96,6 +98,17 @@ func New(o Options) *Executor {
 // orphanSweep is how often containers no lease accounts for are looked for
 // after the sweep at start (which catches what a crash left).
 const orphanSweep = 30 * time.Second
+
+// imagePullTimeout bounds resolving and pulling a lease's image, and
+// maxImageTries how many passes an unreachable registry is retried.
+const (
+	imagePullTimeout = 5 * time.Minute
+	maxImageTries    = 3
+)
+
+// errImageUnavailable: the image could not be resolved or pulled after
+// retries (registry unreachable).
+var errImageUnavailable = errors.New("image unavailable")
 
 // ContainerID is the container id of a lease.
 func ContainerID(leaseID string) string { return "gpuaas-" + leaseID }
@@ -157,7 +170,7 @@ func (e *Executor) Observed() (*agentv1.ObservedState, error) {
 	sort.Strings(ids)
 	for _, id := range ids {
 		r := recs[id]
-		st := &leasev1.LeaseStatus{MigUuid: r.MIGUUID, ContainerId: r.ContainerID, Exited: r.Exited, ExitCode: r.ExitCode}
+		st := &leasev1.LeaseStatus{MigUuid: r.MIGUUID, ContainerId: r.ContainerID, ImageDigest: r.ImageDigest, Exited: r.Exited, ExitCode: r.ExitCode}
 		if !r.StartTime.IsZero() {
 			st.StartTime = timestamppb.New(r.StartTime)
 		}
@@ -298,7 +311,7 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 // failure classes that no retry will fix.
 func permanent(err error) bool {
 	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) || errors.Is(err, ErrGPUUnhealthy) ||
-		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec) ||
+		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec) || errors.Is(err, runtime.ErrImagePolicy) || errors.Is(err, errImageUnavailable) ||
 		errors.Is(err, isolation.ErrUnsupported) || errors.Is(err, isolation.ErrAttach) || errors.Is(err, isolation.ErrInvalidPolicy) || errors.Is(err, errNoCgroup)
 }
 
@@ -347,12 +360,39 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 			env = append(env, k+"="+v)
 		}
 		sort.Strings(env)
+		image := w.GetImage()
+		if ens, ok := e.o.Runtime.(runtime.ImageEnsurer); ok {
+			// Resolve (pulling if needed, under the registry policy) and
+			// create from repo@digest, so a tag moved afterwards cannot
+			// change what runs.
+			ictx, cancel := context.WithTimeout(ctx, imagePullTimeout)
+			dgst, err := ens.EnsureImage(ictx, image, ens.ImagePolicy())
+			cancel()
+			if err != nil && !permanent(err) && ctx.Err() == nil {
+				// An unreachable registry is retried a few passes, then
+				// the lease fails with a reason instead of waiting for
+				// its end.
+				n, _ := e.imageTries.LoadOrStore(r.LeaseID, new(int))
+				if *n.(*int)++; *n.(*int) >= maxImageTries {
+					e.imageTries.Delete(r.LeaseID)
+					err = fmt.Errorf("%w: %v", errImageUnavailable, err)
+				}
+			}
+			if err != nil {
+				return e.fail(ctx, r, err, "image")
+			}
+			e.imageTries.Delete(r.LeaseID)
+			if image, err = runtime.Pinned(image, dgst); err != nil {
+				return e.fail(ctx, r, err, "image")
+			}
+			r.ImageDigest = dgst
+		}
 		r.ContainerID = cid
 		if err := e.save(r); err != nil {
 			return err
 		}
 		st, err = e.o.Runtime.Create(ctx, runtime.Spec{
-			ID: cid, LeaseID: r.LeaseID, Tenant: l.GetSpec().GetTenant(), Image: w.GetImage(), Args: w.GetArgs(), Env: env,
+			ID: cid, LeaseID: r.LeaseID, Tenant: l.GetSpec().GetTenant(), Image: image, Args: w.GetArgs(), Env: env,
 			LogPath: filepath.Join(e.o.LogDir, r.LeaseID+".log"), Device: dev,
 			Limits: runtime.Limits{MemoryBytes: w.GetResources().GetMemoryBytes(), CPUMillis: w.GetResources().GetCpuMillis(), Pids: w.GetResources().GetPids()},
 		})
@@ -375,7 +415,7 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 			return e.fail(ctx, r, err, "start container")
 		}
 		if err := e.save(r, event("container.start", r.LeaseID, "container/"+cid, auditlog.OutcomeSuccess, "",
-			map[string]string{"image": l.GetSpec().GetWorkload().GetImage(), "mig_uuid": dev.UUID, "pid": fmt.Sprint(st.Pid)}, e.o.Now())); err != nil {
+			map[string]string{"image": l.GetSpec().GetWorkload().GetImage(), "image_digest": r.ImageDigest, "mig_uuid": dev.UUID, "pid": fmt.Sprint(st.Pid)}, e.o.Now())); err != nil {
 			return err
 		}
 	}
@@ -416,7 +456,7 @@ func (e *Executor) fail(ctx context.Context, r *Record, err error, step string) 
 
 // reasonOf is the part of an error safe to report upstream: its class.
 func reasonOf(err error) string {
-	for _, c := range []error{isolation.ErrUnsupported, isolation.ErrAttach, isolation.ErrInvalidPolicy, errNoCgroup, ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
+	for _, c := range []error{errImageUnavailable, runtime.ErrImagePolicy, isolation.ErrUnsupported, isolation.ErrAttach, isolation.ErrInvalidPolicy, errNoCgroup, ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
 		runtime.ErrImageNotFound, runtime.ErrInvalidSpec, runtime.ErrNotFound} {
 		if errors.Is(err, c) {
 			return c.Error()

@@ -59,6 +59,8 @@ type Record struct {
 	HasCI       bool          `json:"has_ci,omitempty"`
 	MIGUUID     string        `json:"mig_uuid,omitempty"`
 	ContainerID string        `json:"container_id,omitempty"`
+	// ImageDigest is the manifest digest the container was created from.
+	ImageDigest string `json:"image_digest,omitempty"`
 	// Created is set once the runtime created the container, so teardown
 	// audits a stop only for a container that existed.
 	Created bool `json:"created,omitempty"`

@@ -150,7 +150,7 @@ func newRigAt(t *testing.T, address string) *rig {
 // connect opens a runtime client, closed by the test's cleanups.
 func (r *rig) connect() *runtime.Containerd {
 	r.t.Helper()
-	rt, err := runtime.NewContainerd(context.Background(), runtime.Config{Address: r.address, Namespace: testNamespace})
+	rt, err := runtime.NewContainerd(context.Background(), runtime.Config{Address: r.address, Namespace: testNamespace, Images: runtime.ImagePolicy{AllowedRegistries: []string{"localhost"}}})
 	if err != nil {
 		r.t.Fatalf("connect runtime: %v", err)
 	}

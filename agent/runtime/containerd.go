@@ -57,6 +57,10 @@ type Config struct {
 	// LeaseTTL is the expiry of the containerd lease held by each mutating
 	// operation; DefaultLeaseTTL if zero.
 	LeaseTTL time.Duration
+	// Images is the image policy the agent applies before it runs or pulls
+	// an image (see EnsureImage and ImagePolicy). Optional, but its zero
+	// value allows no registry.
+	Images ImagePolicy
 }
 
 // Containerd implements Runtime on a containerd daemon. Containers and
@@ -70,6 +74,7 @@ type Containerd struct {
 	runtime     string
 	leaseTTL    time.Duration
 	cgroupRoot  string // cgroup v2 mount; empty if the host has none
+	images      ImagePolicy
 
 	closeOnce sync.Once
 	closeErr  error
@@ -95,6 +100,9 @@ func NewContainerd(ctx context.Context, cfg Config) (*Containerd, error) {
 	if cfg.LeaseTTL == 0 {
 		cfg.LeaseTTL = DefaultLeaseTTL
 	}
+	if err := cfg.Images.Validate(); err != nil {
+		return nil, fmt.Errorf("connect to containerd: image policy: %w", err)
+	}
 	// Fail fast when nobody serves the socket: the client's dialer would
 	// otherwise keep retrying in the background for its whole timeout.
 	var d net.Dialer
@@ -115,6 +123,7 @@ func NewContainerd(ctx context.Context, cfg Config) (*Containerd, error) {
 		runtime:    cfg.RuntimeName,
 		leaseTTL:   cfg.LeaseTTL,
 		cgroupRoot: cgroupV2Root(),
+		images:     cfg.Images.clone(),
 	}
 	ctx = r.nsContext(ctx)
 	if _, err := cl.Version(ctx); err != nil {

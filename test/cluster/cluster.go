@@ -254,7 +254,9 @@ gpu:
   backend: sim
   sim:
     gpus:
-%simage_archives:
+%simages:
+  allowed_registries: [localhost]
+image_archives:
   - %q
 stop_grace: %s
 isolation:

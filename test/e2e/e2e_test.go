@@ -158,7 +158,7 @@ func TestLeaseEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !strings.HasPrefix(got.GetStatus().GetMigUuid(), "MIG-") || got.GetStatus().GetContainerId() == "" {
+		if !strings.HasPrefix(got.GetStatus().GetMigUuid(), "MIG-") || got.GetStatus().GetContainerId() == "" || got.GetStatus().GetImageDigest() != c.Image.Manifest.Digest.String() {
 			t.Fatalf("running lease status: %v", got.GetStatus())
 		}
 	}

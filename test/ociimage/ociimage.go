@@ -50,6 +50,9 @@ var Applets = []string{
 	"ls", "mkdir", "mknod", "mount", "mv", "nproc", "ps", "pwd", "readlink",
 	"rm", "sed", "seq", "sh", "sleep", "stat", "tail", "tee", "test", "touch",
 	"tr", "true", "uname", "wc", "whoami", "nc", "yes",
+	// For the tenant security tests (agent/runtime): attempts that must
+	// fail inside a hardened container.
+	"chroot", "find", "insmod", "sort", "su", "umount", "unshare",
 }
 
 // Options describe the image to build.

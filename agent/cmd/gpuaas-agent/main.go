@@ -71,6 +71,13 @@ type Config struct {
 			} `yaml:"gpus"`
 		} `yaml:"sim"`
 	} `yaml:"gpu"`
+	// Images is the registry policy: only these registries ("host[:port]",
+	// "*.domain", or "*"), and, with require_digest, only references
+	// pinned by digest. Empty allows none (fail closed).
+	Images struct {
+		AllowedRegistries []string `yaml:"allowed_registries"`
+		RequireDigest     bool     `yaml:"require_digest"`
+	} `yaml:"images"`
 	// ImageArchives are OCI archives imported at start (air-gapped hosts).
 	Isolation struct {
 		// Disabled turns eBPF fencing off (development only: leases then
@@ -170,6 +177,9 @@ func (c *Config) Validate() error {
 		}
 		c.migParted = mp
 	}
+	if err := (runtime.ImagePolicy{AllowedRegistries: c.Images.AllowedRegistries, RequireDigest: c.Images.RequireDigest}).Validate(); err != nil {
+		return config.FieldError("images.allowed_registries", "%v", err)
+	}
 	if c.MetricsListen != "" {
 		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
 			return config.FieldError("metrics_listen", "must be host:port: %v", err)
@@ -254,7 +264,8 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return err
 	}
 	defer j.Close()
-	rt, err := runtime.NewContainerd(ctx, runtime.Config{Address: cfg.Containerd.Address, Namespace: cfg.Containerd.Namespace})
+	rt, err := runtime.NewContainerd(ctx, runtime.Config{Address: cfg.Containerd.Address, Namespace: cfg.Containerd.Namespace,
+		Images: runtime.ImagePolicy{AllowedRegistries: cfg.Images.AllowedRegistries, RequireDigest: cfg.Images.RequireDigest}})
 	if err != nil {
 		return err
 	}
