@@ -4,7 +4,9 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -231,6 +233,38 @@ func TestLeaseEndToEnd(t *testing.T) {
 		return nil
 	})
 	time.Sleep(2 * time.Second) // a few reconcile passes
+	// The fences held while the agent was down and were adopted, not
+	// duplicated: the kernel's view has each lease's five programs, with
+	// tags matching the policy.
+	waitUntil(t, 10*time.Second, func() error {
+		resp, err := http.Get("http://" + c.MetricsAddr["node-a"] + "/fences")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		var fences []struct {
+			LeaseID  string
+			Verified bool
+			Programs []struct{ ProgramID uint32 }
+			Problems []string
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&fences); err != nil {
+			return err
+		}
+		seen := map[string]bool{}
+		for _, f := range fences {
+			if !f.Verified || len(f.Programs) != 5 {
+				return fmt.Errorf("fence of %s: verified=%v programs=%d problems=%v", f.LeaseID, f.Verified, len(f.Programs), f.Problems)
+			}
+			seen[f.LeaseID] = true
+		}
+		for _, l := range []*leasev1.Lease{a, b, h100} {
+			if !seen[l.GetId()] {
+				return fmt.Errorf("no fence for %s after the restart (have %v)", l.GetId(), seen)
+			}
+		}
+		return nil
+	})
 	after := tasks(t, ctx, c)
 	if strings.Join(keys(after), ",") != strings.Join(keys(before), ",") {
 		t.Fatalf("containers changed across restart: %v -> %v", keys(before), keys(after))

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -285,6 +287,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return err
 	}
 	metrics := telemetry.New()
+	var fencerP atomic.Pointer[isolation.Enforcer] // set below; /fences reads it
 	if cfg.MetricsListen != "" {
 		lis, err := net.Listen("tcp", cfg.MetricsListen)
 		if err != nil {
@@ -292,6 +295,31 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", metrics.Handler())
+		// /fences: per lease, the programs (ids, tags) the kernel has
+		// attached and the policy they enforce, read back and verified
+		// against the policy, for reviewers and the attestation report.
+		mux.HandleFunc("/fences", func(w http.ResponseWriter, _ *http.Request) {
+			fencer := fencerP.Load()
+			if fencer == nil {
+				http.Error(w, "isolation unavailable", http.StatusServiceUnavailable)
+				return
+			}
+			ids, err := fencer.Leases()
+			if err != nil {
+				http.Error(w, "list fences", http.StatusInternalServerError)
+				return
+			}
+			out := []isolation.Description{}
+			for _, id := range ids {
+				d, err := fencer.Describe(id)
+				if err != nil {
+					d = isolation.Description{LeaseID: id, Problems: []string{err.Error()}}
+				}
+				out = append(out, d)
+			}
+			w.Header().Set("Content-Type", "application/json")
+			_ = json.NewEncoder(w).Encode(out)
+		})
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = srv.Serve(lis) }()
 		defer srv.Close()
@@ -344,6 +372,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		} else {
 			defer enf.Close()
 			opts.Fencer = enf
+			fencerP.Store(enf)
 			if opts.BaseDeny, err = baseDeny(cfg.ControlPlane); err != nil {
 				return err
 			}
