@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"regexp"
 	"strconv"
@@ -136,4 +137,41 @@ func (d Duration) D() time.Duration { return time.Duration(d) }
 // FieldError names the key that is wrong.
 func FieldError(key, format string, args ...any) error {
 	return fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...))
+}
+
+// SVID names the files of an X.509 SVID: certificate chain, key and the
+// trust bundle. The files are watched and reloaded by pkg/identity.
+type SVID struct {
+	Cert   string `yaml:"cert"`
+	Key    string `yaml:"key"`
+	Bundle string `yaml:"bundle"`
+}
+
+// Validate checks every file is named (under the key "svid").
+func (s SVID) Validate() error {
+	for _, f := range []struct{ key, v string }{{"svid.cert", s.Cert}, {"svid.key", s.Key}, {"svid.bundle", s.Bundle}} {
+		if f.v == "" {
+			return FieldError(f.key, "is required")
+		}
+	}
+	return nil
+}
+
+// Log configures a daemon's (sanitized) logger.
+type Log struct {
+	Level string `yaml:"level"` // debug, info (default), warn, error
+	JSON  bool   `yaml:"json"`
+}
+
+// SlogLevel parses Level (under the key "log.level").
+func (l Log) SlogLevel() (slog.Level, error) {
+	lvl := l.Level
+	if lvl == "" {
+		lvl = "info"
+	}
+	var v slog.Level
+	if err := v.UnmarshalText([]byte(lvl)); err != nil {
+		return 0, FieldError("log.level", "must be debug, info, warn or error")
+	}
+	return v, nil
 }

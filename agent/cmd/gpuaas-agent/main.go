@@ -50,16 +50,12 @@ var version = "dev"
 // Config is the agent's configuration file.
 type Config struct {
 	// Node is this host's node name; it must match the SVID.
-	Node         string `yaml:"node"`
-	ControlPlane string `yaml:"control_plane"`
-	TrustDomain  string `yaml:"trust_domain"`
-	SVID         struct {
-		Cert   string `yaml:"cert"`
-		Key    string `yaml:"key"`
-		Bundle string `yaml:"bundle"`
-	} `yaml:"svid"`
-	DataDir    string `yaml:"data_dir"`
-	Containerd struct {
+	Node         string      `yaml:"node"`
+	ControlPlane string      `yaml:"control_plane"`
+	TrustDomain  string      `yaml:"trust_domain"`
+	SVID         config.SVID `yaml:"svid"`
+	DataDir      string      `yaml:"data_dir"`
+	Containerd   struct {
 		Address   string `yaml:"address"`
 		Namespace string `yaml:"namespace"`
 	} `yaml:"containerd"`
@@ -102,10 +98,7 @@ type Config struct {
 	MetricsListen string          `yaml:"metrics_listen"`
 	ImageArchives []string        `yaml:"image_archives"`
 	StopGrace     config.Duration `yaml:"stop_grace"`
-	Log           struct {
-		Level string `yaml:"level"`
-		JSON  bool   `yaml:"json"`
-	} `yaml:"log"`
+	Log           config.Log      `yaml:"log"`
 
 	td        spiffeid.TrustDomain
 	level     slog.Level
@@ -125,10 +118,8 @@ func (c *Config) Validate() error {
 		return config.FieldError("trust_domain", "%v", err)
 	}
 	c.td = td
-	for k, v := range map[string]string{"svid.cert": c.SVID.Cert, "svid.key": c.SVID.Key, "svid.bundle": c.SVID.Bundle} {
-		if v == "" {
-			return config.FieldError(k, "is required")
-		}
+	if err := c.SVID.Validate(); err != nil {
+		return err
 	}
 	if c.DataDir == "" || !filepath.IsAbs(c.DataDir) {
 		return config.FieldError("data_dir", "must be an absolute path")
@@ -199,17 +190,10 @@ func (c *Config) Validate() error {
 	if c.StopGrace.D() < 0 || c.StopGrace.D() > 10*time.Minute {
 		return config.FieldError("stop_grace", "must be between 0 and 10m")
 	}
-	if err := c.level.UnmarshalText([]byte(orDefault(c.Log.Level, "info"))); err != nil {
-		return config.FieldError("log.level", "must be debug, info, warn or error")
+	if c.level, err = c.Log.SlogLevel(); err != nil {
+		return err
 	}
 	return nil
-}
-
-func orDefault(s, d string) string {
-	if s == "" {
-		return d
-	}
-	return s
 }
 
 func main() {

@@ -40,20 +40,13 @@ type Config struct {
 	// Listen is the gRPC address (host:port).
 	Listen string `yaml:"listen"`
 	// DataDir holds the state store.
-	DataDir     string `yaml:"data_dir"`
-	TrustDomain string `yaml:"trust_domain"`
-	SVID        struct {
-		Cert   string `yaml:"cert"`
-		Key    string `yaml:"key"`
-		Bundle string `yaml:"bundle"`
-	} `yaml:"svid"`
+	DataDir     string      `yaml:"data_dir"`
+	TrustDomain string      `yaml:"trust_domain"`
+	SVID        config.SVID `yaml:"svid"`
 	// Operators allowlists operator SPIFFE IDs; empty admits every
 	// spiffe://TD/gpuaas/operator/* ID.
-	Operators []string `yaml:"operators"`
-	Log       struct {
-		Level string `yaml:"level"`
-		JSON  bool   `yaml:"json"`
-	} `yaml:"log"`
+	Operators []string   `yaml:"operators"`
+	Log       config.Log `yaml:"log"`
 	// TickInterval is how often expiry and pending placement run.
 	TickInterval config.Duration `yaml:"tick_interval"`
 
@@ -75,10 +68,8 @@ func (c *Config) Validate() error {
 		return config.FieldError("trust_domain", "%v", err)
 	}
 	c.td = td
-	for k, v := range map[string]string{"svid.cert": c.SVID.Cert, "svid.key": c.SVID.Key, "svid.bundle": c.SVID.Bundle} {
-		if v == "" {
-			return config.FieldError(k, "is required")
-		}
+	if err := c.SVID.Validate(); err != nil {
+		return err
 	}
 	for i, o := range c.Operators {
 		id, err := spiffeid.FromString(o)
@@ -87,8 +78,8 @@ func (c *Config) Validate() error {
 		}
 		c.operators = append(c.operators, id)
 	}
-	if err := c.level.UnmarshalText([]byte(orDefault(c.Log.Level, "info"))); err != nil {
-		return config.FieldError("log.level", "must be debug, info, warn or error")
+	if c.level, err = c.Log.SlogLevel(); err != nil {
+		return err
 	}
 	if c.TickInterval == 0 {
 		c.TickInterval = config.Duration(time.Second)
@@ -97,13 +88,6 @@ func (c *Config) Validate() error {
 		return config.FieldError("tick_interval", "must be between 10ms and 1m")
 	}
 	return nil
-}
-
-func orDefault(s, d string) string {
-	if s == "" {
-		return d
-	}
-	return s
 }
 
 func main() {
