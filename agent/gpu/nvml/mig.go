@@ -387,6 +387,18 @@ func listGPUInstances(dev nvml.Device, profiles []giProfile) ([]giHandle, error)
 	return out, nil
 }
 
+// lookupGPUInstance finds a GPU instance of a GPU that has MIG enabled.
+func (b *Backend) lookupGPUInstance(gpuUUID string, id int) (giHandle, error) {
+	dev, err := b.gpuByUUID(gpuUUID)
+	if err != nil {
+		return giHandle{}, err
+	}
+	if err := requireMIG(dev); err != nil {
+		return giHandle{}, err
+	}
+	return b.findGPUInstance(dev, id)
+}
+
 // findGPUInstance finds a GPU instance by id among the listed ones, so an
 // absent id is gpu.ErrNotFound whatever code the driver would give an id
 // it considers out of range.
@@ -512,14 +524,7 @@ func (b *Backend) DestroyGPUInstance(ctx context.Context, gpuUUID string, gpuIns
 	defer done(&err)
 	b.migMu.Lock()
 	defer b.migMu.Unlock()
-	dev, err := b.gpuByUUID(gpuUUID)
-	if err != nil {
-		return err
-	}
-	if err := requireMIG(dev); err != nil {
-		return err
-	}
-	gi, err := b.findGPUInstance(dev, gpuInstanceID)
+	gi, err := b.lookupGPUInstance(gpuUUID, gpuInstanceID)
 	if err != nil {
 		return err
 	}
@@ -609,14 +614,7 @@ func (b *Backend) CreateComputeInstance(ctx context.Context, gpuUUID string, gpu
 	defer done(&err)
 	b.migMu.Lock()
 	defer b.migMu.Unlock()
-	dev, err := b.gpuByUUID(gpuUUID)
-	if err != nil {
-		return gpu.ComputeInstance{}, err
-	}
-	if err := requireMIG(dev); err != nil {
-		return gpu.ComputeInstance{}, err
-	}
-	gi, err := b.findGPUInstance(dev, gpuInstanceID)
+	gi, err := b.lookupGPUInstance(gpuUUID, gpuInstanceID)
 	if err != nil {
 		return gpu.ComputeInstance{}, err
 	}
@@ -648,14 +646,7 @@ func (b *Backend) ComputeInstances(ctx context.Context, gpuUUID string, gpuInsta
 		return nil, err
 	}
 	defer done(&err)
-	dev, err := b.gpuByUUID(gpuUUID)
-	if err != nil {
-		return nil, err
-	}
-	if err := requireMIG(dev); err != nil {
-		return nil, err
-	}
-	gi, err := b.findGPUInstance(dev, gpuInstanceID)
+	gi, err := b.lookupGPUInstance(gpuUUID, gpuInstanceID)
 	if err != nil {
 		return nil, err
 	}
@@ -681,14 +672,7 @@ func (b *Backend) DestroyComputeInstance(ctx context.Context, gpuUUID string, gp
 	defer done(&err)
 	b.migMu.Lock()
 	defer b.migMu.Unlock()
-	dev, err := b.gpuByUUID(gpuUUID)
-	if err != nil {
-		return err
-	}
-	if err := requireMIG(dev); err != nil {
-		return err
-	}
-	gi, err := b.findGPUInstance(dev, gpuInstanceID)
+	gi, err := b.lookupGPUInstance(gpuUUID, gpuInstanceID)
 	if err != nil {
 		return err
 	}
