@@ -171,6 +171,9 @@ func (e *Executor) Observed() (*agentv1.ObservedState, error) {
 	for _, id := range ids {
 		r := recs[id]
 		st := &leasev1.LeaseStatus{MigUuid: r.MIGUUID, ContainerId: r.ContainerID, ImageDigest: r.ImageDigest, Exited: r.Exited, ExitCode: r.ExitCode}
+		if r.Exited {
+			st.ExitSignal = int32(signalOf(uint32(r.ExitCode)))
+		}
 		if !r.StartTime.IsZero() {
 			st.StartTime = timestamppb.New(r.StartTime)
 		}
@@ -438,7 +441,11 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 		if st.ExitCode != 0 {
 			phase = leasev1.Phase_PHASE_FAILED
 		}
-		return e.teardown(ctx, r, phase, fmt.Sprintf("exited with code %d", st.ExitCode))
+		reason := fmt.Sprintf("exited with code %d", st.ExitCode)
+		if sig := signalOf(st.ExitCode); sig != 0 {
+			reason = fmt.Sprintf("killed by signal %d", sig)
+		}
+		return e.teardown(ctx, r, phase, reason)
 	}
 	return nil
 }
@@ -516,7 +523,7 @@ func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase,
 		}
 	}
 	r.Phase, r.Reason, r.EndTime = final, reason, e.o.Now()
-	if !strings.HasPrefix(reason, "exited") && r.Exited {
+	if !strings.HasPrefix(reason, "exited") && !strings.HasPrefix(reason, "killed by signal") && r.Exited {
 		r.Reason = fmt.Sprintf("%s (workload had exited with code %d)", reason, r.ExitCode)
 	}
 	e.o.Logger.Info("lease ended", "lease", r.LeaseID, "phase", strings.TrimPrefix(final.String(), "PHASE_"), "reason", r.Reason)
@@ -546,6 +553,15 @@ func (e *Executor) removeOrphans(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// signalOf is the signal that killed a container's init, from its exit
+// status: the runtime reports 128+N for a process ended by signal N.
+func signalOf(exitCode uint32) int {
+	if exitCode > 128 && exitCode <= 128+64 {
+		return int(exitCode - 128)
+	}
+	return 0
 }
 
 // errNoCgroup: the runtime could not say where the task's cgroup is.

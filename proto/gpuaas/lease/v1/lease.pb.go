@@ -529,14 +529,17 @@ func (x *Placement) GetGpuModel() string {
 
 // LeaseStatus is what the agent observed.
 type LeaseStatus struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	MigUuid       string                 `protobuf:"bytes,1,opt,name=mig_uuid,json=migUuid,proto3" json:"mig_uuid,omitempty"`
-	ContainerId   string                 `protobuf:"bytes,2,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
-	ImageDigest   string                 `protobuf:"bytes,3,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
-	StartTime     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
-	EndTime       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
-	Exited        bool                   `protobuf:"varint,6,opt,name=exited,proto3" json:"exited,omitempty"`
-	ExitCode      int32                  `protobuf:"varint,7,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	MigUuid     string                 `protobuf:"bytes,1,opt,name=mig_uuid,json=migUuid,proto3" json:"mig_uuid,omitempty"`
+	ContainerId string                 `protobuf:"bytes,2,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	ImageDigest string                 `protobuf:"bytes,3,opt,name=image_digest,json=imageDigest,proto3" json:"image_digest,omitempty"`
+	StartTime   *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	EndTime     *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	Exited      bool                   `protobuf:"varint,6,opt,name=exited,proto3" json:"exited,omitempty"`
+	ExitCode    int32                  `protobuf:"varint,7,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	// The signal that ended the workload (e.g. 9 for SIGKILL, which is what
+	// the kernel's OOM killer sends); 0 when it exited by itself.
+	ExitSignal    int32 `protobuf:"varint,8,opt,name=exit_signal,json=exitSignal,proto3" json:"exit_signal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -616,6 +619,13 @@ func (x *LeaseStatus) GetExited() bool {
 func (x *LeaseStatus) GetExitCode() int32 {
 	if x != nil {
 		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *LeaseStatus) GetExitSignal() int32 {
+	if x != nil {
+		return x.ExitSignal
 	}
 	return 0
 }
@@ -1463,7 +1473,7 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\x04size\x18\x05 \x01(\rR\x04size\x12\x1f\n" +
 	"\vmig_profile\x18\x06 \x01(\tR\n" +
 	"migProfile\x12\x1b\n" +
-	"\tgpu_model\x18\a \x01(\tR\bgpuModel\"\x95\x02\n" +
+	"\tgpu_model\x18\a \x01(\tR\bgpuModel\"\xb6\x02\n" +
 	"\vLeaseStatus\x12\x19\n" +
 	"\bmig_uuid\x18\x01 \x01(\tR\amigUuid\x12!\n" +
 	"\fcontainer_id\x18\x02 \x01(\tR\vcontainerId\x12!\n" +
@@ -1472,7 +1482,9 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
 	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x16\n" +
 	"\x06exited\x18\x06 \x01(\bR\x06exited\x12\x1b\n" +
-	"\texit_code\x18\a \x01(\x05R\bexitCode\"\x82\x01\n" +
+	"\texit_code\x18\a \x01(\x05R\bexitCode\x12\x1f\n" +
+	"\vexit_signal\x18\b \x01(\x05R\n" +
+	"exitSignal\"\x82\x01\n" +
 	"\n" +
 	"Transition\x12,\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x16.gpuaas.lease.v1.PhaseR\x05phase\x12\x16\n" +
