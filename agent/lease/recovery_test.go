@@ -355,8 +355,8 @@ func TestExecutorKeepsTearingDownAnEndedLeaseUntilItsPartitionIsReleased(t *test
 		t.Fatal(err)
 	}
 	ended := r.waitPhase(l.GetId(), leasev1.Phase_PHASE_FAILED)
-	if ended.Reason != "exited with code 137" || ended.HasGI {
-		t.Errorf("record = %+v, want FAILED exited with code 137, partition released", ended)
+	if ended.Reason != "killed by signal 9" || ended.HasGI {
+		t.Errorf("record = %+v, want FAILED killed by signal 9, partition released", ended)
 	}
 	if got := r.gpuInstances(); len(got) != 0 {
 		t.Errorf("gpu instances = %v, want none", got)

@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"tags.cncf.io/container-device-interface/pkg/cdi"
 )
 
 // Defaults for Config.
@@ -61,6 +62,13 @@ type Config struct {
 	// an image (see EnsureImage and ImagePolicy). Optional, but its zero
 	// value allows no registry.
 	Images ImagePolicy
+	// CDISpecDir, when set, is a Container Device Interface spec
+	// directory: Create writes the partition's CDI spec there
+	// (WriteCDISpec) and injects the partition through CDI instead of
+	// adding its device nodes directly (same nodes, cgroup rules and
+	// environment); Stop removes the spec with the container. Empty: no
+	// CDI.
+	CDISpecDir string
 }
 
 // Containerd implements Runtime on a containerd daemon. Containers and
@@ -75,6 +83,8 @@ type Containerd struct {
 	leaseTTL    time.Duration
 	cgroupRoot  string // cgroup v2 mount; empty if the host has none
 	images      ImagePolicy
+	cdiDir      string     // Config.CDISpecDir
+	cdiCache    *cdi.Cache // over cdiDir; nil without CDI
 
 	closeOnce sync.Once
 	closeErr  error
@@ -124,6 +134,13 @@ func NewContainerd(ctx context.Context, cfg Config) (*Containerd, error) {
 		leaseTTL:   cfg.LeaseTTL,
 		cgroupRoot: cgroupV2Root(),
 		images:     cfg.Images.clone(),
+		cdiDir:     cfg.CDISpecDir,
+	}
+	if cfg.CDISpecDir != "" {
+		if r.cdiCache, err = newCDICache(cfg.CDISpecDir); err != nil {
+			cl.Close()
+			return nil, fmt.Errorf("CDI spec directory %s: %w", cfg.CDISpecDir, err)
+		}
 	}
 	ctx = r.nsContext(ctx)
 	if _, err := cl.Version(ctx); err != nil {
@@ -275,7 +292,17 @@ func (r *Containerd) Create(ctx context.Context, spec Spec) (Status, error) {
 	if spec.Device.UUID != "" {
 		labels[LabelMIG] = spec.Device.UUID
 	}
-	specOpts := append([]oci.SpecOpts{oci.WithDefaultSpec(), oci.WithImageConfig(img)}, hardenedSpec(r.namespace, spec)...)
+	devices := withDeviceNodes(spec)
+	cdiWritten := false
+	if r.cdiCache != nil && spec.Device.UUID != "" {
+		name, err := WriteCDISpec(r.cdiDir, spec.Device)
+		if err != nil {
+			return Status{}, fmt.Errorf("create container %s: %w", spec.ID, err)
+		}
+		cdiWritten = true
+		devices = withCDIDevices(r.cdiCache, name)
+	}
+	specOpts := append([]oci.SpecOpts{oci.WithDefaultSpec(), oci.WithImageConfig(img)}, hardenedSpecWith(r.namespace, spec, devices)...)
 	c, err := r.client.NewContainer(ctx, spec.ID,
 		client.WithImage(img),
 		client.WithSnapshotter(r.snapshotter),
@@ -296,11 +323,20 @@ func (r *Containerd) Create(ctx context.Context, spec Spec) (Status, error) {
 		if rerr := r.client.SnapshotService(r.snapshotter).Remove(ctx, spec.ID); rerr != nil && !errdefs.IsNotFound(rerr) {
 			err = errors.Join(err, fmt.Errorf("remove snapshot: %w", rerr))
 		}
+		if cdiWritten {
+			if rerr := RemoveCDISpec(r.cdiDir, spec.Device.UUID); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}
 		return Status{}, wrapErr(err, "create container %s", spec.ID)
 	}
 	if err := r.newTask(ctx, c, spec); err != nil {
 		if derr := c.Delete(ctx, client.WithSnapshotCleanup); derr != nil && !errdefs.IsNotFound(derr) {
 			err = errors.Join(err, fmt.Errorf("roll back container: %w", derr))
+		} else if cdiWritten {
+			if rerr := RemoveCDISpec(r.cdiDir, spec.Device.UUID); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
 		}
 		return Status{}, err
 	}
@@ -477,8 +513,21 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) e
 	case !errdefs.IsNotFound(err):
 		return wrapErr(err, "stop container %s: load task", id)
 	}
+	var migUUID string
+	if r.cdiDir != "" {
+		labels, err := c.Labels(ctx)
+		if err != nil && !errdefs.IsNotFound(err) {
+			return wrapErr(err, "stop container %s: labels", id)
+		}
+		migUUID = labels[LabelMIG]
+	}
 	if err := c.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 		return wrapErr(err, "delete container %s", id)
+	}
+	if migUUID != "" {
+		if err := RemoveCDISpec(r.cdiDir, migUUID); err != nil {
+			return fmt.Errorf("stop container %s: %w", id, err)
+		}
 	}
 	return nil
 }

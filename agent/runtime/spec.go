@@ -76,6 +76,13 @@ func CgroupsPath(namespace, id string) string {
 //     when fenced), so a missing host node is not an error.
 //   - cgroupsPath /<namespace>/<id> (CgroupsPath).
 func hardenedSpec(namespace string, s Spec) []oci.SpecOpts {
+	return hardenedSpecWith(namespace, s, withDeviceNodes(s))
+}
+
+// hardenedSpecWith is hardenedSpec with devices injecting the partition's
+// nodes: withDeviceNodes, or withCDIDevices with the partition's CDI
+// device, which gives the same nodes, cgroup rules and environment.
+func hardenedSpecWith(namespace string, s Spec, devices oci.SpecOpts) []oci.SpecOpts {
 	opts := []oci.SpecOpts{oci.WithDefaultUnixDevices}
 	if len(s.Args) > 0 {
 		opts = append(opts, oci.WithProcessArgs(s.Args...))
@@ -90,7 +97,7 @@ func hardenedSpec(namespace string, s Spec) []oci.SpecOpts {
 		withTmp,
 		withPrivateNamespaces,
 		withLimits(s.Limits),
-		withDeviceNodes(s),
+		devices,
 		oci.WithCgroup(CgroupsPath(namespace, s.ID)),
 		// Last: the profile is derived from the capabilities set above.
 		seccomp.WithDefaultProfile(),

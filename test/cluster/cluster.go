@@ -250,6 +250,7 @@ data_dir: %q
 containerd:
   address: %q
   namespace: %s
+  cdi_spec_dir: %q
 gpu:
   backend: sim
   sim:
@@ -264,7 +265,7 @@ isolation:
 metrics_listen: %q
 log:
   level: %s
-`, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(), c.Namespace,
+`, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(), c.Namespace, filepath.Join(c.AgentDataDir(node), "cdi"),
 		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.opts.LogLevel)
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {

@@ -206,6 +206,12 @@ func TestLeaseEndToEnd(t *testing.T) {
 		return errors.New("no connect denial counted")
 	})
 
+	// Each partition reached its container through a CDI spec.
+	specs, _ := filepath.Glob(filepath.Join(c.AgentDataDir("node-a"), "cdi", "gpuaas.dev-mig-*.json"))
+	if len(specs) != 3 {
+		t.Fatalf("CDI specs for 3 running leases: %v", specs)
+	}
+
 	// Every running lease is fenced: its programs are pinned.
 	for _, l := range []*leasev1.Lease{a, b, h100} {
 		if _, err := os.Stat(filepath.Join(c.PinRoot("node-a"), l.GetId())); err != nil {

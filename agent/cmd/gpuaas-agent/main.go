@@ -58,6 +58,10 @@ type Config struct {
 	Containerd   struct {
 		Address   string `yaml:"address"`
 		Namespace string `yaml:"namespace"`
+		// CDISpecDir, if set, makes the agent write a CDI spec per
+		// partition there and inject the partition through it (the path
+		// the NVIDIA container toolkit uses), e.g. /var/run/cdi.
+		CDISpecDir string `yaml:"cdi_spec_dir"`
 	} `yaml:"containerd"`
 	GPU struct {
 		// Backend is "sim" (simulated GPUs) or "nvml".
@@ -129,6 +133,9 @@ func (c *Config) Validate() error {
 	}
 	if !filepath.IsAbs(c.Containerd.Address) {
 		return config.FieldError("containerd.address", "must be an absolute socket path")
+	}
+	if d := c.Containerd.CDISpecDir; d != "" && !filepath.IsAbs(d) {
+		return config.FieldError("containerd.cdi_spec_dir", "must be an absolute path")
 	}
 	if c.Containerd.Namespace == "" {
 		c.Containerd.Namespace = "gpuaas"
@@ -250,7 +257,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return err
 	}
 	defer j.Close()
-	rt, err := runtime.NewContainerd(ctx, runtime.Config{Address: cfg.Containerd.Address, Namespace: cfg.Containerd.Namespace,
+	rt, err := runtime.NewContainerd(ctx, runtime.Config{Address: cfg.Containerd.Address, Namespace: cfg.Containerd.Namespace, CDISpecDir: cfg.Containerd.CDISpecDir,
 		Images: runtime.ImagePolicy{AllowedRegistries: cfg.Images.AllowedRegistries, RequireDigest: cfg.Images.RequireDigest}})
 	if err != nil {
 		return err

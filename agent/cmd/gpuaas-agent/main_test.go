@@ -35,6 +35,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"sim gpus on nvml":   {strings.Replace(base, "backend: sim", "backend: nvml", 1), "gpu.sim"},
 		"relative archive":   {base + "image_archives: [img.tar]\n", "image_archives[0]"},
 		"relative socket":    {base + "containerd: {address: run/c.sock}\n", "containerd.address"},
+		"relative cdi dir":   {base + "containerd: {cdi_spec_dir: run/cdi}\n", "containerd.cdi_spec_dir"},
 		"negative grace":     {base + "stop_grace: -1s\n", "stop_grace"},
 	}
 	for name, tc := range cases {
