@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -273,39 +272,7 @@ echo "visible=$NVIDIA_VISIBLE_DEVICES"
 		started: func(cid string) func() { id = cid; return nil },
 	})
 
-	want := []string{
-		"/dev/",
-		"/dev/fd -> /proc/self/fd",
-		"/dev/full c 1:7",
-		"/dev/mqueue/",
-		"/dev/null c 1:3",
-		"/dev/nvidia-caps/",
-		"/dev/nvidia-caps/nvidia-cap21 c 511:21",
-		"/dev/nvidia-caps/nvidia-cap22 c 511:22",
-		"/dev/nvidia-uvm c 510:0",
-		"/dev/nvidia0 c 195:0",
-		"/dev/nvidiactl c 195:255",
-		"/dev/ptmx -> pts/ptmx",
-		"/dev/pts/",
-		"/dev/pts/ptmx c 5:2",
-		"/dev/random c 1:8",
-		"/dev/shm/",
-		"/dev/stderr -> /proc/self/fd/2",
-		"/dev/stdin -> /proc/self/fd/0",
-		"/dev/stdout -> /proc/self/fd/1",
-		"/dev/tty c 5:0",
-		"/dev/urandom c 1:9",
-		"/dev/zero c 1:5",
-	}
-	if _, err := os.Stat("/proc/kcore"); err == nil {
-		want = append(want, "/dev/core -> /proc/kcore")
-	}
-	sort.Strings(want)
-	got := slices.Clone(r["dev"])
-	sort.Strings(got)
-	if !slices.Equal(got, want) {
-		t.Errorf("/dev in the container:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
-	}
+	assertTenantDev(t, r["dev"])
 	if p := r.one("open-partition"); p != "ENXIO" && p != "OK" {
 		t.Errorf("open-partition = %q, want ENXIO (no driver) or OK: the device cgroup must allow the lease's node", p)
 	}

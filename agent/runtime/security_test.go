@@ -597,6 +597,24 @@ check mknod-other-gpu mknod /tmp/nvidia1 c 195 1
 check mknod-other-cap mknod /tmp/nvidia-cap23 c 511 23
 `, nil, tenantHooks{})
 
+	assertTenantDev(t, r["dev"])
+
+	if p := r.one("open-partition"); p != "ENXIO" && p != "OK" {
+		t.Errorf("open-partition = %q, want ENXIO (no driver) or OK: the device cgroup must allow the lease's node", p)
+	}
+	r.expect(t, map[string]string{
+		"open-other-gpu":  "ENOENT",
+		"open-other-cap":  "ENOENT",
+		"mknod-other-gpu": "EPERM",
+		"mknod-other-cap": "EPERM",
+	})
+}
+
+// assertTenantDev checks a container's /dev listing (ls -la style lines
+// "path c maj:min", "path -> target", "dir/") is exactly runc's standard
+// nodes plus tenantPartition's.
+func assertTenantDev(t *testing.T, listing []string) {
+	t.Helper()
 	want := []string{
 		"/dev/",
 		"/dev/fd -> /proc/self/fd",
@@ -628,19 +646,10 @@ check mknod-other-cap mknod /tmp/nvidia-cap23 c 511 23
 		want = append(want, "/dev/core -> /proc/kcore")
 	}
 	sort.Strings(want)
-	got := slices.Clone(r["dev"])
+	got := slices.Clone(listing)
 	sort.Strings(got)
 	if !slices.Equal(got, want) {
 		t.Errorf("/dev in the container:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 
-	if p := r.one("open-partition"); p != "ENXIO" && p != "OK" {
-		t.Errorf("open-partition = %q, want ENXIO (no driver) or OK: the device cgroup must allow the lease's node", p)
-	}
-	r.expect(t, map[string]string{
-		"open-other-gpu":  "ENOENT",
-		"open-other-cap":  "ENOENT",
-		"mknod-other-gpu": "EPERM",
-		"mknod-other-cap": "EPERM",
-	})
 }

@@ -236,11 +236,8 @@ func (b *Backend) GPUInstanceProfiles(ctx context.Context, gpuUUID string) (out 
 		return nil, err
 	}
 	defer done(&err)
-	dev, err := b.gpuByUUID(gpuUUID)
+	dev, err := b.migDevice(gpuUUID)
 	if err != nil {
-		return nil, err
-	}
-	if err := requireMIG(dev); err != nil {
 		return nil, err
 	}
 	profiles, err := giProfiles(dev)
@@ -292,11 +289,8 @@ func (b *Backend) PossiblePlacements(ctx context.Context, gpuUUID string, profil
 		return nil, err
 	}
 	defer done(&err)
-	dev, err := b.gpuByUUID(gpuUUID)
+	dev, err := b.migDevice(gpuUUID)
 	if err != nil {
-		return nil, err
-	}
-	if err := requireMIG(dev); err != nil {
 		return nil, err
 	}
 	profiles, err := giProfiles(dev)
@@ -387,13 +381,19 @@ func listGPUInstances(dev nvml.Device, profiles []giProfile) ([]giHandle, error)
 	return out, nil
 }
 
-// lookupGPUInstance finds a GPU instance of a GPU that has MIG enabled.
-func (b *Backend) lookupGPUInstance(gpuUUID string, id int) (giHandle, error) {
+// migDevice finds a GPU that has MIG mode enabled now.
+func (b *Backend) migDevice(gpuUUID string) (nvml.Device, error) {
 	dev, err := b.gpuByUUID(gpuUUID)
 	if err != nil {
-		return giHandle{}, err
+		return nil, err
 	}
-	if err := requireMIG(dev); err != nil {
+	return dev, requireMIG(dev)
+}
+
+// lookupGPUInstance finds a GPU instance of a GPU that has MIG enabled.
+func (b *Backend) lookupGPUInstance(gpuUUID string, id int) (giHandle, error) {
+	dev, err := b.migDevice(gpuUUID)
+	if err != nil {
 		return giHandle{}, err
 	}
 	return b.findGPUInstance(dev, id)
@@ -422,11 +422,8 @@ func (b *Backend) GPUInstances(ctx context.Context, gpuUUID string) (out []gpu.G
 		return nil, err
 	}
 	defer done(&err)
-	dev, err := b.gpuByUUID(gpuUUID)
+	dev, err := b.migDevice(gpuUUID)
 	if err != nil {
-		return nil, err
-	}
-	if err := requireMIG(dev); err != nil {
 		return nil, err
 	}
 	gis, err := b.gpuInstances(dev)
@@ -455,11 +452,8 @@ func (b *Backend) CreateGPUInstance(ctx context.Context, gpuUUID string, profile
 	defer done(&err)
 	b.migMu.Lock()
 	defer b.migMu.Unlock()
-	dev, err := b.gpuByUUID(gpuUUID)
+	dev, err := b.migDevice(gpuUUID)
 	if err != nil {
-		return gpu.GPUInstance{}, err
-	}
-	if err := requireMIG(dev); err != nil {
 		return gpu.GPUInstance{}, err
 	}
 	profiles, err := giProfiles(dev)
@@ -702,11 +696,8 @@ func (b *Backend) MIGDevices(ctx context.Context, gpuUUID string) (out []gpu.MIG
 		return nil, err
 	}
 	defer done(&err)
-	dev, err := b.gpuByUUID(gpuUUID)
+	dev, err := b.migDevice(gpuUUID)
 	if err != nil {
-		return nil, err
-	}
-	if err := requireMIG(dev); err != nil {
 		return nil, err
 	}
 	minor, ret := dev.GetMinorNumber()
@@ -792,11 +783,8 @@ func (b *Backend) DriverProfileNames(ctx context.Context, gpuUUID string) (names
 	if !b.has(symProfileInfoVersion) {
 		return nil, fmt.Errorf("library lacks %s: %w", symProfileInfoVersion, gpu.ErrNotSupported)
 	}
-	dev, err := b.gpuByUUID(gpuUUID)
+	dev, err := b.migDevice(gpuUUID)
 	if err != nil {
-		return nil, err
-	}
-	if err := requireMIG(dev); err != nil {
 		return nil, err
 	}
 	names = map[mig.ProfileID]string{}
