@@ -77,16 +77,15 @@ func (e *Enforcer) Describe(leaseID string) (Description, error) {
 	if err := checkLeaseID(leaseID); err != nil {
 		return Description{}, err
 	}
-	if err := e.lockOpen(); err != nil {
-		return Description{}, err
-	}
-	defer e.mu.Unlock()
-	f, err := loadFence(e.leaseDir(leaseID), leaseID)
+	var d Description
+	err := e.withFence(leaseID, func(f *openFence) (err error) {
+		d, err = e.describe(f)
+		return err
+	})
 	if err != nil {
 		return Description{}, err
 	}
-	defer f.Close()
-	return e.describe(f)
+	return d, nil
 }
 
 func (e *Enforcer) describe(f *openFence) (Description, error) {

@@ -460,25 +460,18 @@ func (e *Enforcer) UpdatePolicy(leaseID string, p Policy) error {
 	if err != nil {
 		return err
 	}
-	if err := e.lockOpen(); err != nil {
-		return err
-	}
-	defer e.mu.Unlock()
-	f, err := loadFence(e.leaseDir(leaseID), leaseID)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if p.Devices != nil {
-		rules, err := compileDeviceRules(p.Devices)
-		if err != nil {
-			return err
+	return e.withFence(leaseID, func(f *openFence) error {
+		if p.Devices != nil {
+			rules, err := compileDeviceRules(p.Devices)
+			if err != nil {
+				return err
+			}
+			if !slices.Equal(ruleStrings(rules), f.meta.Devices) {
+				return fmt.Errorf("%w: device rules of %s differ from the fenced ones: UpdatePolicy changes egress only, use UpdateDevices", ErrInvalidPolicy, leaseID)
+			}
 		}
-		if !slices.Equal(ruleStrings(rules), f.meta.Devices) {
-			return fmt.Errorf("%w: device rules of %s differ from the fenced ones: UpdatePolicy changes egress only, use UpdateDevices", ErrInvalidPolicy, leaseID)
-		}
-	}
-	return e.applyEgress(f, eg)
+		return e.applyEgress(f, eg)
+	})
 }
 
 // UpdateDevices changes a fenced lease's device rules (p.Devices of
@@ -493,6 +486,12 @@ func (e *Enforcer) UpdateDevices(leaseID string, devices []DeviceRule) error {
 	if err != nil {
 		return err
 	}
+	return e.withFence(leaseID, func(f *openFence) error { return e.applyDevices(f, rules) })
+}
+
+// withFence runs fn on the lease's loaded pins under the enforcer's lock.
+// ErrNotFenced when the lease has no pins.
+func (e *Enforcer) withFence(leaseID string, fn func(*openFence) error) error {
 	if err := e.lockOpen(); err != nil {
 		return err
 	}
@@ -502,7 +501,7 @@ func (e *Enforcer) UpdateDevices(leaseID string, devices []DeviceRule) error {
 		return err
 	}
 	defer f.Close()
-	return e.applyDevices(f, rules)
+	return fn(f)
 }
 
 // apply converges a fence to a whole policy (Fence on a fenced lease).
@@ -580,16 +579,11 @@ func (e *Enforcer) Adopt(leaseID string) (Description, error) {
 	if err := checkLeaseID(leaseID); err != nil {
 		return Description{}, err
 	}
-	if err := e.lockOpen(); err != nil {
-		return Description{}, err
-	}
-	defer e.mu.Unlock()
-	f, err := loadFence(e.leaseDir(leaseID), leaseID)
-	if err != nil {
-		return Description{}, err
-	}
-	defer f.Close()
-	d, err := e.describe(f)
+	var d Description
+	err := e.withFence(leaseID, func(f *openFence) (err error) {
+		d, err = e.describe(f)
+		return err
+	})
 	if err != nil {
 		return Description{}, err
 	}
