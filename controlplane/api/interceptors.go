@@ -34,15 +34,16 @@ const (
 // methodRoles is the authorization table: every served method and the one
 // role that may call it.
 var methodRoles = map[string]Role{
-	"/gpuaas.agent.v1.AgentService/Session":     RoleAgent,
-	"/gpuaas.lease.v1.LeaseService/CreateLease": RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/GetLease":    RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/ListLeases":  RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/CancelLease": RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/ExtendLease": RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/WatchLeases": RoleOperator,
-	"/gpuaas.node.v1.NodeService/ListNodes":     RoleOperator,
-	"/gpuaas.node.v1.NodeService/GetNode":       RoleOperator,
+	"/gpuaas.agent.v1.AgentService/Session":      RoleAgent,
+	"/gpuaas.lease.v1.LeaseService/CreateLease":  RoleOperator,
+	"/gpuaas.lease.v1.LeaseService/GetLease":     RoleOperator,
+	"/gpuaas.lease.v1.LeaseService/ListLeases":   RoleOperator,
+	"/gpuaas.lease.v1.LeaseService/CancelLease":  RoleOperator,
+	"/gpuaas.lease.v1.LeaseService/ExtendLease":  RoleOperator,
+	"/gpuaas.lease.v1.LeaseService/WatchLeases":  RoleOperator,
+	"/gpuaas.lease.v1.LeaseService/GetLeaseLogs": RoleOperator,
+	"/gpuaas.node.v1.NodeService/ListNodes":      RoleOperator,
+	"/gpuaas.node.v1.NodeService/GetNode":        RoleOperator,
 }
 
 // Authorizer decides who may call what.

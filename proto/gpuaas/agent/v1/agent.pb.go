@@ -37,6 +37,7 @@ type SessionRequest struct {
 	//	*SessionRequest_Heartbeat
 	//	*SessionRequest_Audit
 	//	*SessionRequest_ChallengeResponse
+	//	*SessionRequest_LogChunk
 	Msg           isSessionRequest_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -124,6 +125,15 @@ func (x *SessionRequest) GetChallengeResponse() *ChallengeResponse {
 	return nil
 }
 
+func (x *SessionRequest) GetLogChunk() *LogChunk {
+	if x != nil {
+		if x, ok := x.Msg.(*SessionRequest_LogChunk); ok {
+			return x.LogChunk
+		}
+	}
+	return nil
+}
+
 type isSessionRequest_Msg interface {
 	isSessionRequest_Msg()
 }
@@ -148,6 +158,10 @@ type SessionRequest_ChallengeResponse struct {
 	ChallengeResponse *ChallengeResponse `protobuf:"bytes,5,opt,name=challenge_response,json=challengeResponse,proto3,oneof"`
 }
 
+type SessionRequest_LogChunk struct {
+	LogChunk *LogChunk `protobuf:"bytes,6,opt,name=log_chunk,json=logChunk,proto3,oneof"`
+}
+
 func (*SessionRequest_Hello) isSessionRequest_Msg() {}
 
 func (*SessionRequest_Observed) isSessionRequest_Msg() {}
@@ -158,6 +172,8 @@ func (*SessionRequest_Audit) isSessionRequest_Msg() {}
 
 func (*SessionRequest_ChallengeResponse) isSessionRequest_Msg() {}
 
+func (*SessionRequest_LogChunk) isSessionRequest_Msg() {}
+
 // SessionResponse is a control plane -> agent message.
 type SessionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -166,6 +182,7 @@ type SessionResponse struct {
 	//	*SessionResponse_Desired
 	//	*SessionResponse_Challenge
 	//	*SessionResponse_Ack
+	//	*SessionResponse_LogRequest
 	Msg           isSessionResponse_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -235,6 +252,15 @@ func (x *SessionResponse) GetAck() *Ack {
 	return nil
 }
 
+func (x *SessionResponse) GetLogRequest() *LogRequest {
+	if x != nil {
+		if x, ok := x.Msg.(*SessionResponse_LogRequest); ok {
+			return x.LogRequest
+		}
+	}
+	return nil
+}
+
 type isSessionResponse_Msg interface {
 	isSessionResponse_Msg()
 }
@@ -251,11 +277,17 @@ type SessionResponse_Ack struct {
 	Ack *Ack `protobuf:"bytes,3,opt,name=ack,proto3,oneof"`
 }
 
+type SessionResponse_LogRequest struct {
+	LogRequest *LogRequest `protobuf:"bytes,4,opt,name=log_request,json=logRequest,proto3,oneof"`
+}
+
 func (*SessionResponse_Desired) isSessionResponse_Msg() {}
 
 func (*SessionResponse_Challenge) isSessionResponse_Msg() {}
 
 func (*SessionResponse_Ack) isSessionResponse_Msg() {}
+
+func (*SessionResponse_LogRequest) isSessionResponse_Msg() {}
 
 // Hello opens a session.
 type Hello struct {
@@ -873,22 +905,179 @@ func (x *ChallengeResponse) GetSignature() []byte {
 	return nil
 }
 
+// LogRequest asks the agent for a lease's captured output. The agent answers
+// with one or more LogChunks carrying the same request_id, the last with eof.
+type LogRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the control plane, unique among its open requests.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	LeaseId   string `protobuf:"bytes,2,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Only the last tail_bytes (0: all that is retained).
+	TailBytes int64 `protobuf:"varint,3,opt,name=tail_bytes,json=tailBytes,proto3" json:"tail_bytes,omitempty"`
+	// The most the agent may send in all.
+	LimitBytes    int64 `protobuf:"varint,4,opt,name=limit_bytes,json=limitBytes,proto3" json:"limit_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogRequest) Reset() {
+	*x = LogRequest{}
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogRequest) ProtoMessage() {}
+
+func (x *LogRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogRequest.ProtoReflect.Descriptor instead.
+func (*LogRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *LogRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *LogRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *LogRequest) GetTailBytes() int64 {
+	if x != nil {
+		return x.TailBytes
+	}
+	return 0
+}
+
+func (x *LogRequest) GetLimitBytes() int64 {
+	if x != nil {
+		return x.LimitBytes
+	}
+	return 0
+}
+
+// LogChunk is part of the answer to a LogRequest.
+type LogChunk struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Data      []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// The last chunk of the answer.
+	Eof bool `protobuf:"varint,3,opt,name=eof,proto3" json:"eof,omitempty"`
+	// Older output was rotated away or limit_bytes was reached.
+	Truncated bool `protobuf:"varint,4,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	// Set on the last chunk when the request failed (e.g. unknown lease),
+	// in the form "<canonical reason>: <message>".
+	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogChunk) Reset() {
+	*x = LogChunk{}
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogChunk) ProtoMessage() {}
+
+func (x *LogChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
+func (*LogChunk) Descriptor() ([]byte, []int) {
+	return file_gpuaas_agent_v1_agent_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *LogChunk) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *LogChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *LogChunk) GetEof() bool {
+	if x != nil {
+		return x.Eof
+	}
+	return false
+}
+
+func (x *LogChunk) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
+func (x *LogChunk) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 var File_gpuaas_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x1bgpuaas/agent/v1/agent.proto\x12\x0fgpuaas.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bgpuaas/lease/v1/lease.proto\x1a\x19gpuaas/node/v1/node.proto\"\xcc\x02\n" +
+	"\x1bgpuaas/agent/v1/agent.proto\x12\x0fgpuaas.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bgpuaas/lease/v1/lease.proto\x1a\x19gpuaas/node/v1/node.proto\"\x86\x03\n" +
 	"\x0eSessionRequest\x12.\n" +
 	"\x05hello\x18\x01 \x01(\v2\x16.gpuaas.agent.v1.HelloH\x00R\x05hello\x12<\n" +
 	"\bobserved\x18\x02 \x01(\v2\x1e.gpuaas.agent.v1.ObservedStateH\x00R\bobserved\x12:\n" +
 	"\theartbeat\x18\x03 \x01(\v2\x1a.gpuaas.agent.v1.HeartbeatH\x00R\theartbeat\x124\n" +
 	"\x05audit\x18\x04 \x01(\v2\x1c.gpuaas.agent.v1.AuditEventsH\x00R\x05audit\x12S\n" +
-	"\x12challenge_response\x18\x05 \x01(\v2\".gpuaas.agent.v1.ChallengeResponseH\x00R\x11challengeResponseB\x05\n" +
-	"\x03msg\"\xb9\x01\n" +
+	"\x12challenge_response\x18\x05 \x01(\v2\".gpuaas.agent.v1.ChallengeResponseH\x00R\x11challengeResponse\x128\n" +
+	"\tlog_chunk\x18\x06 \x01(\v2\x19.gpuaas.agent.v1.LogChunkH\x00R\blogChunkB\x05\n" +
+	"\x03msg\"\xf9\x01\n" +
 	"\x0fSessionResponse\x129\n" +
 	"\adesired\x18\x01 \x01(\v2\x1d.gpuaas.agent.v1.DesiredStateH\x00R\adesired\x12:\n" +
 	"\tchallenge\x18\x02 \x01(\v2\x1a.gpuaas.agent.v1.ChallengeH\x00R\tchallenge\x12(\n" +
-	"\x03ack\x18\x03 \x01(\v2\x14.gpuaas.agent.v1.AckH\x00R\x03ackB\x05\n" +
+	"\x03ack\x18\x03 \x01(\v2\x14.gpuaas.agent.v1.AckH\x00R\x03ack\x12>\n" +
+	"\vlog_request\x18\x04 \x01(\v2\x1b.gpuaas.agent.v1.LogRequestH\x00R\n" +
+	"logRequestB\x05\n" +
 	"\x03msg\"~\n" +
 	"\x05Hello\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12#\n" +
@@ -936,7 +1125,23 @@ const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\x11ChallengeResponse\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12\x16\n" +
 	"\x06report\x18\x02 \x01(\fR\x06report\x12\x1c\n" +
-	"\tsignature\x18\x03 \x01(\fR\tsignature2`\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\"\x86\x01\n" +
+	"\n" +
+	"LogRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x19\n" +
+	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12\x1d\n" +
+	"\n" +
+	"tail_bytes\x18\x03 \x01(\x03R\ttailBytes\x12\x1f\n" +
+	"\vlimit_bytes\x18\x04 \x01(\x03R\n" +
+	"limitBytes\"\x83\x01\n" +
+	"\bLogChunk\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x10\n" +
+	"\x03eof\x18\x03 \x01(\bR\x03eof\x12\x1c\n" +
+	"\ttruncated\x18\x04 \x01(\bR\ttruncated\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error2`\n" +
 	"\fAgentService\x12P\n" +
 	"\aSession\x12\x1f.gpuaas.agent.v1.SessionRequest\x1a .gpuaas.agent.v1.SessionResponse(\x010\x01B8Z6github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1;agentv1b\x06proto3"
 
@@ -952,7 +1157,7 @@ func file_gpuaas_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_gpuaas_agent_v1_agent_proto_rawDescData
 }
 
-var file_gpuaas_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_gpuaas_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_gpuaas_agent_v1_agent_proto_goTypes = []any{
 	(*SessionRequest)(nil),        // 0: gpuaas.agent.v1.SessionRequest
 	(*SessionResponse)(nil),       // 1: gpuaas.agent.v1.SessionResponse
@@ -966,12 +1171,14 @@ var file_gpuaas_agent_v1_agent_proto_goTypes = []any{
 	(*Ack)(nil),                   // 9: gpuaas.agent.v1.Ack
 	(*Challenge)(nil),             // 10: gpuaas.agent.v1.Challenge
 	(*ChallengeResponse)(nil),     // 11: gpuaas.agent.v1.ChallengeResponse
-	nil,                           // 12: gpuaas.agent.v1.AuditEvent.DetailsEntry
-	(*v1.Inventory)(nil),          // 13: gpuaas.node.v1.Inventory
-	(*v11.Lease)(nil),             // 14: gpuaas.lease.v1.Lease
-	(v11.Phase)(0),                // 15: gpuaas.lease.v1.Phase
-	(*v11.LeaseStatus)(nil),       // 16: gpuaas.lease.v1.LeaseStatus
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*LogRequest)(nil),            // 12: gpuaas.agent.v1.LogRequest
+	(*LogChunk)(nil),              // 13: gpuaas.agent.v1.LogChunk
+	nil,                           // 14: gpuaas.agent.v1.AuditEvent.DetailsEntry
+	(*v1.Inventory)(nil),          // 15: gpuaas.node.v1.Inventory
+	(*v11.Lease)(nil),             // 16: gpuaas.lease.v1.Lease
+	(v11.Phase)(0),                // 17: gpuaas.lease.v1.Phase
+	(*v11.LeaseStatus)(nil),       // 18: gpuaas.lease.v1.LeaseStatus
+	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
 }
 var file_gpuaas_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: gpuaas.agent.v1.SessionRequest.hello:type_name -> gpuaas.agent.v1.Hello
@@ -979,27 +1186,29 @@ var file_gpuaas_agent_v1_agent_proto_depIdxs = []int32{
 	6,  // 2: gpuaas.agent.v1.SessionRequest.heartbeat:type_name -> gpuaas.agent.v1.Heartbeat
 	8,  // 3: gpuaas.agent.v1.SessionRequest.audit:type_name -> gpuaas.agent.v1.AuditEvents
 	11, // 4: gpuaas.agent.v1.SessionRequest.challenge_response:type_name -> gpuaas.agent.v1.ChallengeResponse
-	3,  // 5: gpuaas.agent.v1.SessionResponse.desired:type_name -> gpuaas.agent.v1.DesiredState
-	10, // 6: gpuaas.agent.v1.SessionResponse.challenge:type_name -> gpuaas.agent.v1.Challenge
-	9,  // 7: gpuaas.agent.v1.SessionResponse.ack:type_name -> gpuaas.agent.v1.Ack
-	13, // 8: gpuaas.agent.v1.Hello.inventory:type_name -> gpuaas.node.v1.Inventory
-	14, // 9: gpuaas.agent.v1.DesiredState.leases:type_name -> gpuaas.lease.v1.Lease
-	5,  // 10: gpuaas.agent.v1.ObservedState.leases:type_name -> gpuaas.agent.v1.ObservedLease
-	13, // 11: gpuaas.agent.v1.ObservedState.inventory:type_name -> gpuaas.node.v1.Inventory
-	15, // 12: gpuaas.agent.v1.ObservedLease.phase:type_name -> gpuaas.lease.v1.Phase
-	16, // 13: gpuaas.agent.v1.ObservedLease.status:type_name -> gpuaas.lease.v1.LeaseStatus
-	17, // 14: gpuaas.agent.v1.ObservedLease.update_time:type_name -> google.protobuf.Timestamp
-	17, // 15: gpuaas.agent.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	17, // 16: gpuaas.agent.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	12, // 17: gpuaas.agent.v1.AuditEvent.details:type_name -> gpuaas.agent.v1.AuditEvent.DetailsEntry
-	7,  // 18: gpuaas.agent.v1.AuditEvents.events:type_name -> gpuaas.agent.v1.AuditEvent
-	0,  // 19: gpuaas.agent.v1.AgentService.Session:input_type -> gpuaas.agent.v1.SessionRequest
-	1,  // 20: gpuaas.agent.v1.AgentService.Session:output_type -> gpuaas.agent.v1.SessionResponse
-	20, // [20:21] is the sub-list for method output_type
-	19, // [19:20] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	13, // 5: gpuaas.agent.v1.SessionRequest.log_chunk:type_name -> gpuaas.agent.v1.LogChunk
+	3,  // 6: gpuaas.agent.v1.SessionResponse.desired:type_name -> gpuaas.agent.v1.DesiredState
+	10, // 7: gpuaas.agent.v1.SessionResponse.challenge:type_name -> gpuaas.agent.v1.Challenge
+	9,  // 8: gpuaas.agent.v1.SessionResponse.ack:type_name -> gpuaas.agent.v1.Ack
+	12, // 9: gpuaas.agent.v1.SessionResponse.log_request:type_name -> gpuaas.agent.v1.LogRequest
+	15, // 10: gpuaas.agent.v1.Hello.inventory:type_name -> gpuaas.node.v1.Inventory
+	16, // 11: gpuaas.agent.v1.DesiredState.leases:type_name -> gpuaas.lease.v1.Lease
+	5,  // 12: gpuaas.agent.v1.ObservedState.leases:type_name -> gpuaas.agent.v1.ObservedLease
+	15, // 13: gpuaas.agent.v1.ObservedState.inventory:type_name -> gpuaas.node.v1.Inventory
+	17, // 14: gpuaas.agent.v1.ObservedLease.phase:type_name -> gpuaas.lease.v1.Phase
+	18, // 15: gpuaas.agent.v1.ObservedLease.status:type_name -> gpuaas.lease.v1.LeaseStatus
+	19, // 16: gpuaas.agent.v1.ObservedLease.update_time:type_name -> google.protobuf.Timestamp
+	19, // 17: gpuaas.agent.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	19, // 18: gpuaas.agent.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	14, // 19: gpuaas.agent.v1.AuditEvent.details:type_name -> gpuaas.agent.v1.AuditEvent.DetailsEntry
+	7,  // 20: gpuaas.agent.v1.AuditEvents.events:type_name -> gpuaas.agent.v1.AuditEvent
+	0,  // 21: gpuaas.agent.v1.AgentService.Session:input_type -> gpuaas.agent.v1.SessionRequest
+	1,  // 22: gpuaas.agent.v1.AgentService.Session:output_type -> gpuaas.agent.v1.SessionResponse
+	22, // [22:23] is the sub-list for method output_type
+	21, // [21:22] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_gpuaas_agent_v1_agent_proto_init() }
@@ -1013,11 +1222,13 @@ func file_gpuaas_agent_v1_agent_proto_init() {
 		(*SessionRequest_Heartbeat)(nil),
 		(*SessionRequest_Audit)(nil),
 		(*SessionRequest_ChallengeResponse)(nil),
+		(*SessionRequest_LogChunk)(nil),
 	}
 	file_gpuaas_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*SessionResponse_Desired)(nil),
 		(*SessionResponse_Challenge)(nil),
 		(*SessionResponse_Ack)(nil),
+		(*SessionResponse_LogRequest)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1025,7 +1236,7 @@ func file_gpuaas_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpuaas_agent_v1_agent_proto_rawDesc), len(file_gpuaas_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -103,6 +103,60 @@ func (Phase) EnumDescriptor() ([]byte, []int) {
 	return file_gpuaas_lease_v1_lease_proto_rawDescGZIP(), []int{0}
 }
 
+// NetworkMode is how a workload reaches the network. A workload never shares
+// the host's network namespace.
+type NetworkMode int32
+
+const (
+	NetworkMode_NETWORK_MODE_UNSPECIFIED NetworkMode = 0
+	// Its own network namespace on the agent's CNI bridge, with NAT to the
+	// outside (subject to the egress fence).
+	NetworkMode_NETWORK_MODE_BRIDGE NetworkMode = 1
+	// Its own network namespace with loopback only.
+	NetworkMode_NETWORK_MODE_NONE NetworkMode = 2
+)
+
+// Enum value maps for NetworkMode.
+var (
+	NetworkMode_name = map[int32]string{
+		0: "NETWORK_MODE_UNSPECIFIED",
+		1: "NETWORK_MODE_BRIDGE",
+		2: "NETWORK_MODE_NONE",
+	}
+	NetworkMode_value = map[string]int32{
+		"NETWORK_MODE_UNSPECIFIED": 0,
+		"NETWORK_MODE_BRIDGE":      1,
+		"NETWORK_MODE_NONE":        2,
+	}
+)
+
+func (x NetworkMode) Enum() *NetworkMode {
+	p := new(NetworkMode)
+	*p = x
+	return p
+}
+
+func (x NetworkMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NetworkMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_gpuaas_lease_v1_lease_proto_enumTypes[1].Descriptor()
+}
+
+func (NetworkMode) Type() protoreflect.EnumType {
+	return &file_gpuaas_lease_v1_lease_proto_enumTypes[1]
+}
+
+func (x NetworkMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use NetworkMode.Descriptor instead.
+func (NetworkMode) EnumDescriptor() ([]byte, []int) {
+	return file_gpuaas_lease_v1_lease_proto_rawDescGZIP(), []int{1}
+}
+
 // GpuRequest is what a lease asks for: one MIG partition, or whole GPUs with
 // MIG off.
 type GpuRequest struct {
@@ -283,7 +337,9 @@ type Workload struct {
 	// "203.0.113.0/24"). Everything else in the agent's deny list (cloud
 	// metadata endpoints, private ranges, the control plane, the host) stays
 	// denied; metadata endpoints can never be allowed.
-	EgressAllow   []string `protobuf:"bytes,5,rep,name=egress_allow,json=egressAllow,proto3" json:"egress_allow,omitempty"`
+	EgressAllow []string `protobuf:"bytes,5,rep,name=egress_allow,json=egressAllow,proto3" json:"egress_allow,omitempty"`
+	// How the workload is attached to the network. Unspecified is BRIDGE.
+	Network       NetworkMode `protobuf:"varint,6,opt,name=network,proto3,enum=gpuaas.lease.v1.NetworkMode" json:"network,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -351,6 +407,13 @@ func (x *Workload) GetEgressAllow() []string {
 		return x.EgressAllow
 	}
 	return nil
+}
+
+func (x *Workload) GetNetwork() NetworkMode {
+	if x != nil {
+		return x.Network
+	}
+	return NetworkMode_NETWORK_MODE_UNSPECIFIED
 }
 
 // LeaseSpec is what the caller asked for. It never changes after creation,
@@ -539,7 +602,13 @@ type LeaseStatus struct {
 	ExitCode    int32                  `protobuf:"varint,7,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
 	// The signal that ended the workload (e.g. 9 for SIGKILL, which is what
 	// the kernel's OOM killer sends); 0 when it exited by itself.
-	ExitSignal    int32 `protobuf:"varint,8,opt,name=exit_signal,json=exitSignal,proto3" json:"exit_signal,omitempty"`
+	ExitSignal int32 `protobuf:"varint,8,opt,name=exit_signal,json=exitSignal,proto3" json:"exit_signal,omitempty"`
+	// The kernel's OOM killer killed a process of the workload (its memory
+	// limit was reached); distinct from a SIGKILL sent by anyone else.
+	OomKilled bool `protobuf:"varint,9,opt,name=oom_killed,json=oomKilled,proto3" json:"oom_killed,omitempty"`
+	// The workload's address on the node's CNI network; empty with
+	// NETWORK_MODE_NONE.
+	Ip            string `protobuf:"bytes,10,opt,name=ip,proto3" json:"ip,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -628,6 +697,20 @@ func (x *LeaseStatus) GetExitSignal() int32 {
 		return x.ExitSignal
 	}
 	return 0
+}
+
+func (x *LeaseStatus) GetOomKilled() bool {
+	if x != nil {
+		return x.OomKilled
+	}
+	return false
+}
+
+func (x *LeaseStatus) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
 }
 
 // Transition records one phase change and its cause.
@@ -1427,6 +1510,116 @@ func (x *WatchLeasesResponse) GetLease() *Lease {
 	return nil
 }
 
+type GetLeaseLogsRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	LeaseId string                 `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Only the last tail_bytes of the log (0: the whole retained log, bounded
+	// by the server's limit).
+	TailBytes     int64 `protobuf:"varint,2,opt,name=tail_bytes,json=tailBytes,proto3" json:"tail_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLeaseLogsRequest) Reset() {
+	*x = GetLeaseLogsRequest{}
+	mi := &file_gpuaas_lease_v1_lease_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLeaseLogsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLeaseLogsRequest) ProtoMessage() {}
+
+func (x *GetLeaseLogsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_lease_v1_lease_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLeaseLogsRequest.ProtoReflect.Descriptor instead.
+func (*GetLeaseLogsRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_lease_v1_lease_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *GetLeaseLogsRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *GetLeaseLogsRequest) GetTailBytes() int64 {
+	if x != nil {
+		return x.TailBytes
+	}
+	return 0
+}
+
+type GetLeaseLogsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The next chunk of the log, in order. Lines are prefixed as the agent
+	// wrote them (time, stream, text).
+	Data []byte `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	// The retained log was cut: older output was rotated away or the server
+	// limit was reached.
+	Truncated     bool `protobuf:"varint,2,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLeaseLogsResponse) Reset() {
+	*x = GetLeaseLogsResponse{}
+	mi := &file_gpuaas_lease_v1_lease_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLeaseLogsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLeaseLogsResponse) ProtoMessage() {}
+
+func (x *GetLeaseLogsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_lease_v1_lease_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLeaseLogsResponse.ProtoReflect.Descriptor instead.
+func (*GetLeaseLogsResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_lease_v1_lease_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetLeaseLogsResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *GetLeaseLogsResponse) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
 var File_gpuaas_lease_v1_lease_proto protoreflect.FileDescriptor
 
 const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
@@ -1445,13 +1638,14 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\fmemory_bytes\x18\x01 \x01(\x03R\vmemoryBytes\x12\x1d\n" +
 	"\n" +
 	"cpu_millis\x18\x02 \x01(\x03R\tcpuMillis\x12\x12\n" +
-	"\x04pids\x18\x03 \x01(\x03R\x04pids\"\xff\x01\n" +
+	"\x04pids\x18\x03 \x01(\x03R\x04pids\"\xb7\x02\n" +
 	"\bWorkload\x12\x14\n" +
 	"\x05image\x18\x01 \x01(\tR\x05image\x12\x12\n" +
 	"\x04args\x18\x02 \x03(\tR\x04args\x124\n" +
 	"\x03env\x18\x03 \x03(\v2\".gpuaas.lease.v1.Workload.EnvEntryR\x03env\x128\n" +
 	"\tresources\x18\x04 \x01(\v2\x1a.gpuaas.lease.v1.ResourcesR\tresources\x12!\n" +
-	"\fegress_allow\x18\x05 \x03(\tR\vegressAllow\x1a6\n" +
+	"\fegress_allow\x18\x05 \x03(\tR\vegressAllow\x126\n" +
+	"\anetwork\x18\x06 \x01(\x0e2\x1c.gpuaas.lease.v1.NetworkModeR\anetwork\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc3\x02\n" +
@@ -1473,7 +1667,7 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\x04size\x18\x05 \x01(\rR\x04size\x12\x1f\n" +
 	"\vmig_profile\x18\x06 \x01(\tR\n" +
 	"migProfile\x12\x1b\n" +
-	"\tgpu_model\x18\a \x01(\tR\bgpuModel\"\xb6\x02\n" +
+	"\tgpu_model\x18\a \x01(\tR\bgpuModel\"\xe5\x02\n" +
 	"\vLeaseStatus\x12\x19\n" +
 	"\bmig_uuid\x18\x01 \x01(\tR\amigUuid\x12!\n" +
 	"\fcontainer_id\x18\x02 \x01(\tR\vcontainerId\x12!\n" +
@@ -1484,7 +1678,11 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\x06exited\x18\x06 \x01(\bR\x06exited\x12\x1b\n" +
 	"\texit_code\x18\a \x01(\x05R\bexitCode\x12\x1f\n" +
 	"\vexit_signal\x18\b \x01(\x05R\n" +
-	"exitSignal\"\x82\x01\n" +
+	"exitSignal\x12\x1d\n" +
+	"\n" +
+	"oom_killed\x18\t \x01(\bR\toomKilled\x12\x0e\n" +
+	"\x02ip\x18\n" +
+	" \x01(\tR\x02ip\"\x82\x01\n" +
 	"\n" +
 	"Transition\x12,\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x16.gpuaas.lease.v1.PhaseR\x05phase\x12\x16\n" +
@@ -1539,7 +1737,14 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12#\n" +
 	"\rfrom_revision\x18\x02 \x01(\x03R\ffromRevision\"C\n" +
 	"\x13WatchLeasesResponse\x12,\n" +
-	"\x05lease\x18\x01 \x01(\v2\x16.gpuaas.lease.v1.LeaseR\x05lease*\xc0\x01\n" +
+	"\x05lease\x18\x01 \x01(\v2\x16.gpuaas.lease.v1.LeaseR\x05lease\"O\n" +
+	"\x13GetLeaseLogsRequest\x12\x19\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x1d\n" +
+	"\n" +
+	"tail_bytes\x18\x02 \x01(\x03R\ttailBytes\"H\n" +
+	"\x14GetLeaseLogsResponse\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x1c\n" +
+	"\ttruncated\x18\x02 \x01(\bR\ttruncated*\xc0\x01\n" +
 	"\x05Phase\x12\x15\n" +
 	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rPHASE_PENDING\x10\x01\x12\x13\n" +
@@ -1550,7 +1755,11 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\x10PHASE_TERMINATED\x10\x06\x12\x10\n" +
 	"\fPHASE_FAILED\x10\a\x12\x0e\n" +
 	"\n" +
-	"PHASE_LOST\x10\b2\xa0\x04\n" +
+	"PHASE_LOST\x10\b*[\n" +
+	"\vNetworkMode\x12\x1c\n" +
+	"\x18NETWORK_MODE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13NETWORK_MODE_BRIDGE\x10\x01\x12\x15\n" +
+	"\x11NETWORK_MODE_NONE\x10\x022\xff\x04\n" +
 	"\fLeaseService\x12X\n" +
 	"\vCreateLease\x12#.gpuaas.lease.v1.CreateLeaseRequest\x1a$.gpuaas.lease.v1.CreateLeaseResponse\x12O\n" +
 	"\bGetLease\x12 .gpuaas.lease.v1.GetLeaseRequest\x1a!.gpuaas.lease.v1.GetLeaseResponse\x12U\n" +
@@ -1558,7 +1767,8 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"ListLeases\x12\".gpuaas.lease.v1.ListLeasesRequest\x1a#.gpuaas.lease.v1.ListLeasesResponse\x12X\n" +
 	"\vCancelLease\x12#.gpuaas.lease.v1.CancelLeaseRequest\x1a$.gpuaas.lease.v1.CancelLeaseResponse\x12X\n" +
 	"\vExtendLease\x12#.gpuaas.lease.v1.ExtendLeaseRequest\x1a$.gpuaas.lease.v1.ExtendLeaseResponse\x12Z\n" +
-	"\vWatchLeases\x12#.gpuaas.lease.v1.WatchLeasesRequest\x1a$.gpuaas.lease.v1.WatchLeasesResponse0\x01B8Z6github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1;leasev1b\x06proto3"
+	"\vWatchLeases\x12#.gpuaas.lease.v1.WatchLeasesRequest\x1a$.gpuaas.lease.v1.WatchLeasesResponse0\x01\x12]\n" +
+	"\fGetLeaseLogs\x12$.gpuaas.lease.v1.GetLeaseLogsRequest\x1a%.gpuaas.lease.v1.GetLeaseLogsResponse0\x01B8Z6github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1;leasev1b\x06proto3"
 
 var (
 	file_gpuaas_lease_v1_lease_proto_rawDescOnce sync.Once
@@ -1572,80 +1782,86 @@ func file_gpuaas_lease_v1_lease_proto_rawDescGZIP() []byte {
 	return file_gpuaas_lease_v1_lease_proto_rawDescData
 }
 
-var file_gpuaas_lease_v1_lease_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpuaas_lease_v1_lease_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_gpuaas_lease_v1_lease_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_gpuaas_lease_v1_lease_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_gpuaas_lease_v1_lease_proto_goTypes = []any{
 	(Phase)(0),                    // 0: gpuaas.lease.v1.Phase
-	(*GpuRequest)(nil),            // 1: gpuaas.lease.v1.GpuRequest
-	(*Resources)(nil),             // 2: gpuaas.lease.v1.Resources
-	(*Workload)(nil),              // 3: gpuaas.lease.v1.Workload
-	(*LeaseSpec)(nil),             // 4: gpuaas.lease.v1.LeaseSpec
-	(*Placement)(nil),             // 5: gpuaas.lease.v1.Placement
-	(*LeaseStatus)(nil),           // 6: gpuaas.lease.v1.LeaseStatus
-	(*Transition)(nil),            // 7: gpuaas.lease.v1.Transition
-	(*Lease)(nil),                 // 8: gpuaas.lease.v1.Lease
-	(*CreateLeaseRequest)(nil),    // 9: gpuaas.lease.v1.CreateLeaseRequest
-	(*CreateLeaseResponse)(nil),   // 10: gpuaas.lease.v1.CreateLeaseResponse
-	(*GetLeaseRequest)(nil),       // 11: gpuaas.lease.v1.GetLeaseRequest
-	(*GetLeaseResponse)(nil),      // 12: gpuaas.lease.v1.GetLeaseResponse
-	(*ListLeasesRequest)(nil),     // 13: gpuaas.lease.v1.ListLeasesRequest
-	(*ListLeasesResponse)(nil),    // 14: gpuaas.lease.v1.ListLeasesResponse
-	(*CancelLeaseRequest)(nil),    // 15: gpuaas.lease.v1.CancelLeaseRequest
-	(*CancelLeaseResponse)(nil),   // 16: gpuaas.lease.v1.CancelLeaseResponse
-	(*ExtendLeaseRequest)(nil),    // 17: gpuaas.lease.v1.ExtendLeaseRequest
-	(*ExtendLeaseResponse)(nil),   // 18: gpuaas.lease.v1.ExtendLeaseResponse
-	(*WatchLeasesRequest)(nil),    // 19: gpuaas.lease.v1.WatchLeasesRequest
-	(*WatchLeasesResponse)(nil),   // 20: gpuaas.lease.v1.WatchLeasesResponse
-	nil,                           // 21: gpuaas.lease.v1.Workload.EnvEntry
-	nil,                           // 22: gpuaas.lease.v1.LeaseSpec.MetadataEntry
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
+	(NetworkMode)(0),              // 1: gpuaas.lease.v1.NetworkMode
+	(*GpuRequest)(nil),            // 2: gpuaas.lease.v1.GpuRequest
+	(*Resources)(nil),             // 3: gpuaas.lease.v1.Resources
+	(*Workload)(nil),              // 4: gpuaas.lease.v1.Workload
+	(*LeaseSpec)(nil),             // 5: gpuaas.lease.v1.LeaseSpec
+	(*Placement)(nil),             // 6: gpuaas.lease.v1.Placement
+	(*LeaseStatus)(nil),           // 7: gpuaas.lease.v1.LeaseStatus
+	(*Transition)(nil),            // 8: gpuaas.lease.v1.Transition
+	(*Lease)(nil),                 // 9: gpuaas.lease.v1.Lease
+	(*CreateLeaseRequest)(nil),    // 10: gpuaas.lease.v1.CreateLeaseRequest
+	(*CreateLeaseResponse)(nil),   // 11: gpuaas.lease.v1.CreateLeaseResponse
+	(*GetLeaseRequest)(nil),       // 12: gpuaas.lease.v1.GetLeaseRequest
+	(*GetLeaseResponse)(nil),      // 13: gpuaas.lease.v1.GetLeaseResponse
+	(*ListLeasesRequest)(nil),     // 14: gpuaas.lease.v1.ListLeasesRequest
+	(*ListLeasesResponse)(nil),    // 15: gpuaas.lease.v1.ListLeasesResponse
+	(*CancelLeaseRequest)(nil),    // 16: gpuaas.lease.v1.CancelLeaseRequest
+	(*CancelLeaseResponse)(nil),   // 17: gpuaas.lease.v1.CancelLeaseResponse
+	(*ExtendLeaseRequest)(nil),    // 18: gpuaas.lease.v1.ExtendLeaseRequest
+	(*ExtendLeaseResponse)(nil),   // 19: gpuaas.lease.v1.ExtendLeaseResponse
+	(*WatchLeasesRequest)(nil),    // 20: gpuaas.lease.v1.WatchLeasesRequest
+	(*WatchLeasesResponse)(nil),   // 21: gpuaas.lease.v1.WatchLeasesResponse
+	(*GetLeaseLogsRequest)(nil),   // 22: gpuaas.lease.v1.GetLeaseLogsRequest
+	(*GetLeaseLogsResponse)(nil),  // 23: gpuaas.lease.v1.GetLeaseLogsResponse
+	nil,                           // 24: gpuaas.lease.v1.Workload.EnvEntry
+	nil,                           // 25: gpuaas.lease.v1.LeaseSpec.MetadataEntry
+	(*durationpb.Duration)(nil),   // 26: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
 }
 var file_gpuaas_lease_v1_lease_proto_depIdxs = []int32{
-	21, // 0: gpuaas.lease.v1.Workload.env:type_name -> gpuaas.lease.v1.Workload.EnvEntry
-	2,  // 1: gpuaas.lease.v1.Workload.resources:type_name -> gpuaas.lease.v1.Resources
-	1,  // 2: gpuaas.lease.v1.LeaseSpec.gpu:type_name -> gpuaas.lease.v1.GpuRequest
-	3,  // 3: gpuaas.lease.v1.LeaseSpec.workload:type_name -> gpuaas.lease.v1.Workload
-	23, // 4: gpuaas.lease.v1.LeaseSpec.duration:type_name -> google.protobuf.Duration
-	22, // 5: gpuaas.lease.v1.LeaseSpec.metadata:type_name -> gpuaas.lease.v1.LeaseSpec.MetadataEntry
-	24, // 6: gpuaas.lease.v1.LeaseStatus.start_time:type_name -> google.protobuf.Timestamp
-	24, // 7: gpuaas.lease.v1.LeaseStatus.end_time:type_name -> google.protobuf.Timestamp
-	0,  // 8: gpuaas.lease.v1.Transition.phase:type_name -> gpuaas.lease.v1.Phase
-	24, // 9: gpuaas.lease.v1.Transition.time:type_name -> google.protobuf.Timestamp
-	4,  // 10: gpuaas.lease.v1.Lease.spec:type_name -> gpuaas.lease.v1.LeaseSpec
-	0,  // 11: gpuaas.lease.v1.Lease.phase:type_name -> gpuaas.lease.v1.Phase
-	5,  // 12: gpuaas.lease.v1.Lease.placement:type_name -> gpuaas.lease.v1.Placement
-	24, // 13: gpuaas.lease.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
-	24, // 14: gpuaas.lease.v1.Lease.update_time:type_name -> google.protobuf.Timestamp
-	24, // 15: gpuaas.lease.v1.Lease.not_after:type_name -> google.protobuf.Timestamp
-	6,  // 16: gpuaas.lease.v1.Lease.status:type_name -> gpuaas.lease.v1.LeaseStatus
-	7,  // 17: gpuaas.lease.v1.Lease.history:type_name -> gpuaas.lease.v1.Transition
-	4,  // 18: gpuaas.lease.v1.CreateLeaseRequest.spec:type_name -> gpuaas.lease.v1.LeaseSpec
-	8,  // 19: gpuaas.lease.v1.CreateLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
-	8,  // 20: gpuaas.lease.v1.GetLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
-	0,  // 21: gpuaas.lease.v1.ListLeasesRequest.phases:type_name -> gpuaas.lease.v1.Phase
-	8,  // 22: gpuaas.lease.v1.ListLeasesResponse.leases:type_name -> gpuaas.lease.v1.Lease
-	8,  // 23: gpuaas.lease.v1.CancelLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
-	23, // 24: gpuaas.lease.v1.ExtendLeaseRequest.extend_by:type_name -> google.protobuf.Duration
-	8,  // 25: gpuaas.lease.v1.ExtendLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
-	8,  // 26: gpuaas.lease.v1.WatchLeasesResponse.lease:type_name -> gpuaas.lease.v1.Lease
-	9,  // 27: gpuaas.lease.v1.LeaseService.CreateLease:input_type -> gpuaas.lease.v1.CreateLeaseRequest
-	11, // 28: gpuaas.lease.v1.LeaseService.GetLease:input_type -> gpuaas.lease.v1.GetLeaseRequest
-	13, // 29: gpuaas.lease.v1.LeaseService.ListLeases:input_type -> gpuaas.lease.v1.ListLeasesRequest
-	15, // 30: gpuaas.lease.v1.LeaseService.CancelLease:input_type -> gpuaas.lease.v1.CancelLeaseRequest
-	17, // 31: gpuaas.lease.v1.LeaseService.ExtendLease:input_type -> gpuaas.lease.v1.ExtendLeaseRequest
-	19, // 32: gpuaas.lease.v1.LeaseService.WatchLeases:input_type -> gpuaas.lease.v1.WatchLeasesRequest
-	10, // 33: gpuaas.lease.v1.LeaseService.CreateLease:output_type -> gpuaas.lease.v1.CreateLeaseResponse
-	12, // 34: gpuaas.lease.v1.LeaseService.GetLease:output_type -> gpuaas.lease.v1.GetLeaseResponse
-	14, // 35: gpuaas.lease.v1.LeaseService.ListLeases:output_type -> gpuaas.lease.v1.ListLeasesResponse
-	16, // 36: gpuaas.lease.v1.LeaseService.CancelLease:output_type -> gpuaas.lease.v1.CancelLeaseResponse
-	18, // 37: gpuaas.lease.v1.LeaseService.ExtendLease:output_type -> gpuaas.lease.v1.ExtendLeaseResponse
-	20, // 38: gpuaas.lease.v1.LeaseService.WatchLeases:output_type -> gpuaas.lease.v1.WatchLeasesResponse
-	33, // [33:39] is the sub-list for method output_type
-	27, // [27:33] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	24, // 0: gpuaas.lease.v1.Workload.env:type_name -> gpuaas.lease.v1.Workload.EnvEntry
+	3,  // 1: gpuaas.lease.v1.Workload.resources:type_name -> gpuaas.lease.v1.Resources
+	1,  // 2: gpuaas.lease.v1.Workload.network:type_name -> gpuaas.lease.v1.NetworkMode
+	2,  // 3: gpuaas.lease.v1.LeaseSpec.gpu:type_name -> gpuaas.lease.v1.GpuRequest
+	4,  // 4: gpuaas.lease.v1.LeaseSpec.workload:type_name -> gpuaas.lease.v1.Workload
+	26, // 5: gpuaas.lease.v1.LeaseSpec.duration:type_name -> google.protobuf.Duration
+	25, // 6: gpuaas.lease.v1.LeaseSpec.metadata:type_name -> gpuaas.lease.v1.LeaseSpec.MetadataEntry
+	27, // 7: gpuaas.lease.v1.LeaseStatus.start_time:type_name -> google.protobuf.Timestamp
+	27, // 8: gpuaas.lease.v1.LeaseStatus.end_time:type_name -> google.protobuf.Timestamp
+	0,  // 9: gpuaas.lease.v1.Transition.phase:type_name -> gpuaas.lease.v1.Phase
+	27, // 10: gpuaas.lease.v1.Transition.time:type_name -> google.protobuf.Timestamp
+	5,  // 11: gpuaas.lease.v1.Lease.spec:type_name -> gpuaas.lease.v1.LeaseSpec
+	0,  // 12: gpuaas.lease.v1.Lease.phase:type_name -> gpuaas.lease.v1.Phase
+	6,  // 13: gpuaas.lease.v1.Lease.placement:type_name -> gpuaas.lease.v1.Placement
+	27, // 14: gpuaas.lease.v1.Lease.create_time:type_name -> google.protobuf.Timestamp
+	27, // 15: gpuaas.lease.v1.Lease.update_time:type_name -> google.protobuf.Timestamp
+	27, // 16: gpuaas.lease.v1.Lease.not_after:type_name -> google.protobuf.Timestamp
+	7,  // 17: gpuaas.lease.v1.Lease.status:type_name -> gpuaas.lease.v1.LeaseStatus
+	8,  // 18: gpuaas.lease.v1.Lease.history:type_name -> gpuaas.lease.v1.Transition
+	5,  // 19: gpuaas.lease.v1.CreateLeaseRequest.spec:type_name -> gpuaas.lease.v1.LeaseSpec
+	9,  // 20: gpuaas.lease.v1.CreateLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
+	9,  // 21: gpuaas.lease.v1.GetLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
+	0,  // 22: gpuaas.lease.v1.ListLeasesRequest.phases:type_name -> gpuaas.lease.v1.Phase
+	9,  // 23: gpuaas.lease.v1.ListLeasesResponse.leases:type_name -> gpuaas.lease.v1.Lease
+	9,  // 24: gpuaas.lease.v1.CancelLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
+	26, // 25: gpuaas.lease.v1.ExtendLeaseRequest.extend_by:type_name -> google.protobuf.Duration
+	9,  // 26: gpuaas.lease.v1.ExtendLeaseResponse.lease:type_name -> gpuaas.lease.v1.Lease
+	9,  // 27: gpuaas.lease.v1.WatchLeasesResponse.lease:type_name -> gpuaas.lease.v1.Lease
+	10, // 28: gpuaas.lease.v1.LeaseService.CreateLease:input_type -> gpuaas.lease.v1.CreateLeaseRequest
+	12, // 29: gpuaas.lease.v1.LeaseService.GetLease:input_type -> gpuaas.lease.v1.GetLeaseRequest
+	14, // 30: gpuaas.lease.v1.LeaseService.ListLeases:input_type -> gpuaas.lease.v1.ListLeasesRequest
+	16, // 31: gpuaas.lease.v1.LeaseService.CancelLease:input_type -> gpuaas.lease.v1.CancelLeaseRequest
+	18, // 32: gpuaas.lease.v1.LeaseService.ExtendLease:input_type -> gpuaas.lease.v1.ExtendLeaseRequest
+	20, // 33: gpuaas.lease.v1.LeaseService.WatchLeases:input_type -> gpuaas.lease.v1.WatchLeasesRequest
+	22, // 34: gpuaas.lease.v1.LeaseService.GetLeaseLogs:input_type -> gpuaas.lease.v1.GetLeaseLogsRequest
+	11, // 35: gpuaas.lease.v1.LeaseService.CreateLease:output_type -> gpuaas.lease.v1.CreateLeaseResponse
+	13, // 36: gpuaas.lease.v1.LeaseService.GetLease:output_type -> gpuaas.lease.v1.GetLeaseResponse
+	15, // 37: gpuaas.lease.v1.LeaseService.ListLeases:output_type -> gpuaas.lease.v1.ListLeasesResponse
+	17, // 38: gpuaas.lease.v1.LeaseService.CancelLease:output_type -> gpuaas.lease.v1.CancelLeaseResponse
+	19, // 39: gpuaas.lease.v1.LeaseService.ExtendLease:output_type -> gpuaas.lease.v1.ExtendLeaseResponse
+	21, // 40: gpuaas.lease.v1.LeaseService.WatchLeases:output_type -> gpuaas.lease.v1.WatchLeasesResponse
+	23, // 41: gpuaas.lease.v1.LeaseService.GetLeaseLogs:output_type -> gpuaas.lease.v1.GetLeaseLogsResponse
+	35, // [35:42] is the sub-list for method output_type
+	28, // [28:35] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_gpuaas_lease_v1_lease_proto_init() }
@@ -1662,8 +1878,8 @@ func file_gpuaas_lease_v1_lease_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpuaas_lease_v1_lease_proto_rawDesc), len(file_gpuaas_lease_v1_lease_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   22,
+			NumEnums:      2,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

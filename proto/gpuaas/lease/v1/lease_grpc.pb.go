@@ -23,12 +23,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	LeaseService_CreateLease_FullMethodName = "/gpuaas.lease.v1.LeaseService/CreateLease"
-	LeaseService_GetLease_FullMethodName    = "/gpuaas.lease.v1.LeaseService/GetLease"
-	LeaseService_ListLeases_FullMethodName  = "/gpuaas.lease.v1.LeaseService/ListLeases"
-	LeaseService_CancelLease_FullMethodName = "/gpuaas.lease.v1.LeaseService/CancelLease"
-	LeaseService_ExtendLease_FullMethodName = "/gpuaas.lease.v1.LeaseService/ExtendLease"
-	LeaseService_WatchLeases_FullMethodName = "/gpuaas.lease.v1.LeaseService/WatchLeases"
+	LeaseService_CreateLease_FullMethodName  = "/gpuaas.lease.v1.LeaseService/CreateLease"
+	LeaseService_GetLease_FullMethodName     = "/gpuaas.lease.v1.LeaseService/GetLease"
+	LeaseService_ListLeases_FullMethodName   = "/gpuaas.lease.v1.LeaseService/ListLeases"
+	LeaseService_CancelLease_FullMethodName  = "/gpuaas.lease.v1.LeaseService/CancelLease"
+	LeaseService_ExtendLease_FullMethodName  = "/gpuaas.lease.v1.LeaseService/ExtendLease"
+	LeaseService_WatchLeases_FullMethodName  = "/gpuaas.lease.v1.LeaseService/WatchLeases"
+	LeaseService_GetLeaseLogs_FullMethodName = "/gpuaas.lease.v1.LeaseService/GetLeaseLogs"
 )
 
 // LeaseServiceClient is the client API for LeaseService service.
@@ -53,6 +54,9 @@ type LeaseServiceClient interface {
 	ExtendLease(ctx context.Context, in *ExtendLeaseRequest, opts ...grpc.CallOption) (*ExtendLeaseResponse, error)
 	// WatchLeases streams every lease change after from_revision.
 	WatchLeases(ctx context.Context, in *WatchLeasesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchLeasesResponse], error)
+	// GetLeaseLogs streams the workload's captured stdout and stderr, fetched
+	// from the agent that runs it.
+	GetLeaseLogs(ctx context.Context, in *GetLeaseLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetLeaseLogsResponse], error)
 }
 
 type leaseServiceClient struct {
@@ -132,6 +136,25 @@ func (c *leaseServiceClient) WatchLeases(ctx context.Context, in *WatchLeasesReq
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LeaseService_WatchLeasesClient = grpc.ServerStreamingClient[WatchLeasesResponse]
 
+func (c *leaseServiceClient) GetLeaseLogs(ctx context.Context, in *GetLeaseLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetLeaseLogsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &LeaseService_ServiceDesc.Streams[1], LeaseService_GetLeaseLogs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GetLeaseLogsRequest, GetLeaseLogsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LeaseService_GetLeaseLogsClient = grpc.ServerStreamingClient[GetLeaseLogsResponse]
+
 // LeaseServiceServer is the server API for LeaseService service.
 // All implementations must embed UnimplementedLeaseServiceServer
 // for forward compatibility.
@@ -154,6 +177,9 @@ type LeaseServiceServer interface {
 	ExtendLease(context.Context, *ExtendLeaseRequest) (*ExtendLeaseResponse, error)
 	// WatchLeases streams every lease change after from_revision.
 	WatchLeases(*WatchLeasesRequest, grpc.ServerStreamingServer[WatchLeasesResponse]) error
+	// GetLeaseLogs streams the workload's captured stdout and stderr, fetched
+	// from the agent that runs it.
+	GetLeaseLogs(*GetLeaseLogsRequest, grpc.ServerStreamingServer[GetLeaseLogsResponse]) error
 	mustEmbedUnimplementedLeaseServiceServer()
 }
 
@@ -181,6 +207,9 @@ func (UnimplementedLeaseServiceServer) ExtendLease(context.Context, *ExtendLease
 }
 func (UnimplementedLeaseServiceServer) WatchLeases(*WatchLeasesRequest, grpc.ServerStreamingServer[WatchLeasesResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchLeases not implemented")
+}
+func (UnimplementedLeaseServiceServer) GetLeaseLogs(*GetLeaseLogsRequest, grpc.ServerStreamingServer[GetLeaseLogsResponse]) error {
+	return status.Error(codes.Unimplemented, "method GetLeaseLogs not implemented")
 }
 func (UnimplementedLeaseServiceServer) mustEmbedUnimplementedLeaseServiceServer() {}
 func (UnimplementedLeaseServiceServer) testEmbeddedByValue()                      {}
@@ -304,6 +333,17 @@ func _LeaseService_WatchLeases_Handler(srv interface{}, stream grpc.ServerStream
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LeaseService_WatchLeasesServer = grpc.ServerStreamingServer[WatchLeasesResponse]
 
+func _LeaseService_GetLeaseLogs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GetLeaseLogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(LeaseServiceServer).GetLeaseLogs(m, &grpc.GenericServerStream[GetLeaseLogsRequest, GetLeaseLogsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LeaseService_GetLeaseLogsServer = grpc.ServerStreamingServer[GetLeaseLogsResponse]
+
 // LeaseService_ServiceDesc is the grpc.ServiceDesc for LeaseService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -336,6 +376,11 @@ var LeaseService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchLeases",
 			Handler:       _LeaseService_WatchLeases_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "GetLeaseLogs",
+			Handler:       _LeaseService_GetLeaseLogs_Handler,
 			ServerStreams: true,
 		},
 	},

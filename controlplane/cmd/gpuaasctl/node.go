@@ -1,0 +1,93 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
+)
+
+func nodeCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Inspect GPU hosts"}
+	client := func(cmd *cobra.Command) (nodev1.NodeServiceClient, context.Context, func(), error) {
+		if err := g.checkOutput(); err != nil {
+			return nil, nil, nil, err
+		}
+		ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
+		conn, closeConn, err := g.dial(ctx)
+		if err != nil {
+			cancel()
+			return nil, nil, nil, err
+		}
+		return nodev1.NewNodeServiceClient(conn), ctx, func() { closeConn(); cancel() }, nil
+	}
+	list := &cobra.Command{
+		Use: "list", Short: "List nodes", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, ctx, done, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.ListNodes(ctx, &nodev1.ListNodesRequest{})
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return g.printJSON(resp)
+			}
+			return g.printNodes(resp.GetNodes()...)
+		},
+	}
+	get := &cobra.Command{
+		Use: "get NODE", Short: "Show a node, its GPUs and free capacity", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			c, ctx, done, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.GetNode(ctx, &nodev1.GetNodeRequest{Id: a[0]})
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return g.printJSON(resp.GetNode())
+			}
+			if err := g.printNodes(resp.GetNode()); err != nil {
+				return err
+			}
+			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "\nGPU\tMODEL\tMIG\tPARTITIONS\tFREE")
+			caps := map[string]*nodev1.GpuCapacity{}
+			for _, c := range resp.GetNode().GetCapacity() {
+				caps[c.GetGpuUuid()] = c
+			}
+			for _, gp := range resp.GetNode().GetInventory().GetGpus() {
+				var free []string
+				for _, p := range caps[gp.GetUuid()].GetProfiles() {
+					free = append(free, fmt.Sprintf("%s=%d", p.GetName(), p.GetFree()))
+				}
+				fmt.Fprintf(w, "%s\t%s\t%v\t%d\t%s\n", gp.GetUuid(), gp.GetModel(), gp.GetMigEnabled(), len(gp.GetInstances()), strings.Join(free, " "))
+			}
+			return w.Flush()
+		},
+	}
+	cmd.AddCommand(list, get)
+	return cmd
+}
+
+func (g *globals) printNodes(ns ...*nodev1.Node) error {
+	w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "NODE\tCONNECTED\tGPUS\tLEASES\tLAST SEEN\tAGENT")
+	for _, n := range ns {
+		fmt.Fprintf(w, "%s\t%v\t%d\t%d\t%s\t%s\n", n.GetId(), n.GetConnected(), len(n.GetInventory().GetGpus()), n.GetLeaseCount(),
+			n.GetLastSeen().AsTime().Local().Format(time.TimeOnly), orDash(n.GetSession().GetAgentVersion()))
+	}
+	return w.Flush()
+}
