@@ -19,10 +19,15 @@ const (
 	BucketIdempotency = "idempotency" // caller \x00 key -> idempotency record (JSON)
 	BucketAudit       = "audit"       // %020d seq -> auditlog.Entry (JSON)
 	BucketNodes       = "nodes"       // node id -> node record (proto)
+	// BucketAuditCheckpoints: %020d tree size -> signed checkpoint (note).
+	BucketAuditCheckpoints = "audit_checkpoints"
+	// BucketAuditForward: forwarder delivery state (last delivered size,
+	// checkpoint, batch ids).
+	BucketAuditForward = "audit_forward"
 )
 
 // Buckets is every bucket, created when a store is opened.
-var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes}
+var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes, BucketAuditCheckpoints, BucketAuditForward}
 
 // Errors.
 var (
