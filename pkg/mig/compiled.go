@@ -190,14 +190,6 @@ func (c *compiled) remaining(l *layout, i int) int {
 	return max(n, 0)
 }
 
-// capacity writes into v, largest profile first, how many more instances
-// of each profile fit in l.
-func (c *compiled) capacity(l *layout, v []int) {
-	for i := range c.profs {
-		v[i] = c.remaining(l, i)
-	}
-}
-
 // freeCount is how many of profs[i]'s placements could be created in l
 // now (len(Model.Free)).
 func (c *compiled) freeCount(l *layout, i int) int {

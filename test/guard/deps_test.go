@@ -7,8 +7,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -32,17 +30,17 @@ func inCI() bool {
 	return v == "true" || v == "1"
 }
 
-// goTool finds the go command: on PATH, else in the GOROOT the test was
-// built with.
+// goTool finds the go command: on PATH, else in Go's standard install
+// location.
 func goTool() (string, error) {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p, nil
 	}
-	p := filepath.Join(runtime.GOROOT(), "bin", "go")
+	p := "/usr/local/go/bin/go"
 	if _, err := os.Stat(p); err == nil {
 		return p, nil
 	}
-	return "", errors.New("go command not found on PATH or in GOROOT/bin")
+	return "", errors.New("go command not found on PATH or in /usr/local/go/bin")
 }
 
 // goList runs `go list -e -deps -json ./...` at the root and indexes the
