@@ -5,8 +5,10 @@ export PATH := $(PATH):/usr/local/go/bin:/usr/sbin:/sbin
 VERSION  ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X main.version=$(VERSION)
 TESTFLAGS ?=
+# Package versions are semver: a tag vX.Y.Z gives X.Y.Z.
+PKG_VERSION ?= $(shell git describe --tags --exact-match 2>/dev/null | sed 's/^v//')
 
-.PHONY: all setup build test unit lint proto demo bench clean
+.PHONY: all setup build test unit lint proto demo bench package clean
 
 all: build
 
@@ -37,5 +39,10 @@ demo: setup build
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
 
+# .deb and .rpm packages of the agent, the control plane and gpuaasctl in
+# dist/ (nfpm, pinned in tools/nfpm).
+package:
+	VERSION=$(PKG_VERSION) scripts/package.sh
+
 clean:
-	rm -rf bin
+	rm -rf bin dist
