@@ -1,8 +1,9 @@
 // Package session keeps the agent's one stream to the control plane: it
 // dials out over mTLS, says hello with the node's inventory, hands desired
-// state to the executor, and sends observed state, heartbeats and the audit
-// outbox. It reconnects with jittered exponential backoff; the executor
-// keeps enforcing the journaled state while it is away.
+// state to the executor, sends observed state, heartbeats and the audit
+// outbox, and answers the control plane's requests for lease logs. It
+// reconnects with jittered exponential backoff; the executor keeps
+// enforcing the journaled state while it is away.
 package session
 
 import (
@@ -11,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -34,7 +36,10 @@ type Options struct {
 	Executor     *lease.Executor
 	Journal      *lease.Journal
 	Inventory    func(context.Context) (*nodev1.Inventory, error)
-	Logger       *slog.Logger
+	// Logs answers the control plane's log requests (FileLogs over the
+	// log directory); nil answers each with LOGS_UNAVAILABLE.
+	Logs   Logs
+	Logger *slog.Logger
 	// Heartbeat is the heartbeat interval (default 5s); Report the longest
 	// time between observed-state reports (default 10s).
 	Heartbeat time.Duration
@@ -104,6 +109,9 @@ func (c *Client) Run(ctx context.Context) error {
 
 // session runs one stream until it fails.
 func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient) error {
+	// Log readers stop with the session (cancel runs first).
+	var logReaders sync.WaitGroup
+	defer logReaders.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := client.Session(ctx)
@@ -135,6 +143,21 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 			}
 		}
 	}()
+
+	// Log requests are read in their own goroutines; their chunks come
+	// back here to be sent between the session's other messages, so a
+	// large log never holds up a heartbeat for more than one chunk.
+	logChunks := make(chan *agentv1.LogChunk)
+	sendChunk := func(ch *agentv1.LogChunk) bool {
+		select {
+		case logChunks <- ch:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	logsOpen := 0
+	logDone := make(chan struct{}, maxLogRequests)
 
 	heartbeat := time.NewTicker(c.o.Heartbeat)
 	defer heartbeat.Stop()
@@ -200,7 +223,33 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 				}
 			case *agentv1.SessionResponse_Challenge:
 				// Attestation evidence is not produced yet.
+			case *agentv1.SessionResponse_LogRequest:
+				req := msg.LogRequest
+				if id := req.GetRequestId(); id == "" || len(id) > 128 {
+					c.o.Logger.Warn("log request without a valid id")
+					continue
+				}
+				if logsOpen >= maxLogRequests {
+					if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_LogChunk{LogChunk: &agentv1.LogChunk{
+						RequestId: req.GetRequestId(), Eof: true, Error: "TOO_MANY_LOG_REQUESTS: the agent is serving too many log requests"}}}); err != nil {
+						return err
+					}
+					continue
+				}
+				logsOpen++
+				logReaders.Add(1)
+				go func() {
+					defer logReaders.Done()
+					defer func() { logDone <- struct{}{} }()
+					serveLog(ctx, c.o.Logs, c.o.Logger, req, sendChunk)
+				}()
 			}
+		case ch := <-logChunks:
+			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_LogChunk{LogChunk: ch}}); err != nil {
+				return err
+			}
+		case <-logDone:
+			logsOpen--
 		case <-c.o.Executor.Changes():
 			if err := sendObserved(); err != nil {
 				return err

@@ -35,6 +35,9 @@ type AgentServer struct {
 	Leases *lease.Service
 	Store  store.Store
 	Log    *slog.Logger
+	// Logs relays GetLeaseLogs requests to the sessions (shared with the
+	// LeaseServer); nil serves none.
+	Logs *LogRelay
 	// HelloTimeout bounds the wait for the first message (default 10s).
 	HelloTimeout time.Duration
 }
@@ -124,6 +127,14 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 		s.Log.Warn("tick after connect", "err", err)
 	}
 
+	var logReqs <-chan *agentv1.LogRequest
+	var logs *logSession
+	if s.Logs != nil {
+		logs = s.Logs.attach(node)
+		defer s.Logs.detach(logs)
+		logReqs = logs.out
+	}
+
 	var sentGen uint64
 	sendDesired := func(force bool) error {
 		ds, err := s.Leases.DesiredState(ctx, node)
@@ -149,12 +160,22 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 			if err := sendDesired(false); err != nil {
 				return err
 			}
+		case req := <-logReqs:
+			if err := stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_LogRequest{LogRequest: req}}); err != nil {
+				return err
+			}
 		case r := <-msgs:
 			if r.err != nil {
 				if errors.Is(r.err, context.Canceled) {
 					return nil
 				}
 				return r.err
+			}
+			if ch := r.msg.GetLogChunk(); ch != nil {
+				if logs != nil {
+					logs.deliver(ch)
+				}
+				continue
 			}
 			if err := s.handle(ctx, c, node, sess, stream, r.msg); err != nil {
 				return err

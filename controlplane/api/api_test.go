@@ -33,10 +33,17 @@ type server struct {
 	st     *store.Bolt
 	td     spiffeid.TrustDomain
 	leases *lease.Service
+	logs   *LogRelay
 }
 
 // startServer runs the real control plane edge on loopback with the dev PKI.
 func startServer(t testing.TB) *server {
+	t.Helper()
+	return startServerWith(t, &LogRelay{})
+}
+
+// startServerWith is startServer with the given log relay.
+func startServerWith(t testing.TB, logs *LogRelay) *server {
 	t.Helper()
 	dir := t.TempDir()
 	pki, err := identity.WriteDevPKI(filepath.Join(dir, "pki"), identity.DevPKIOptions{TrustDomain: "gpuaas.test", Agents: []string{"node-a", "node-b"}, Operators: []string{"alice"}})
@@ -56,8 +63,8 @@ func startServer(t testing.TB) *server {
 	srv := grpc.NewServer(
 		grpc.Creds(identity.ServerCredentials(src, identity.AuthorizeKinds(pki.TrustDomain, identity.PeerAgent, identity.PeerOperator))),
 		grpc.ChainUnaryInterceptor(authz.Unary(log)), grpc.ChainStreamInterceptor(authz.Stream(log)))
-	agentv1.RegisterAgentServiceServer(srv, &AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second})
-	leasev1.RegisterLeaseServiceServer(srv, &LeaseServer{Leases: leases})
+	agentv1.RegisterAgentServiceServer(srv, &AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second, Logs: logs})
+	leasev1.RegisterLeaseServiceServer(srv, &LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
 	nodev1.RegisterNodeServiceServer(srv, &NodeServer{Fleet: reg, Leases: leases})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -65,7 +72,7 @@ func startServer(t testing.TB) *server {
 	}
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Stop(); st.Close() })
-	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases}
+	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases, logs: logs}
 }
 
 func sourceFor(t testing.TB, pki *identity.DevPKI, f identity.SVIDFiles) *identity.FileSource {

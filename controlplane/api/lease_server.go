@@ -2,10 +2,16 @@ package api
 
 import (
 	"context"
+	"errors"
+	"log/slog"
+	"strconv"
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/lease"
+	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 )
@@ -17,6 +23,12 @@ const Redacted = "[REDACTED]"
 type LeaseServer struct {
 	leasev1.UnimplementedLeaseServiceServer
 	Leases *lease.Service
+	// Store receives the audit entry of each GetLeaseLogs call; Logs
+	// relays it to the agents (the AgentServer's relay). Without them
+	// GetLeaseLogs is refused.
+	Store store.Store
+	Logs  *LogRelay
+	Log   *slog.Logger
 }
 
 func caller(ctx context.Context) (lease.Caller, error) {
@@ -114,5 +126,75 @@ func (s *LeaseServer) WatchLeases(req *leasev1.WatchLeasesRequest, stream leasev
 	}
 	return s.Leases.Watch(stream.Context(), c, req.GetTenant(), req.GetFromRevision(), func(l *leasev1.Lease) error {
 		return stream.Send(&leasev1.WatchLeasesResponse{Lease: redact(l)})
+	})
+}
+
+// GetLeaseLogs streams the lease's captured output from the agent of the
+// node that holds it. Every call, whatever its outcome, appends one audit
+// entry "lease.logs" when it ends: the entry records what was disclosed
+// (bytes, truncated), which is known only then. If the entry cannot be
+// written the call fails.
+func (s *LeaseServer) GetLeaseLogs(req *leasev1.GetLeaseLogsRequest, stream leasev1.LeaseService_GetLeaseLogsServer) (err error) {
+	ctx := stream.Context()
+	c, err := caller(ctx)
+	if err != nil {
+		return err
+	}
+	if s.Store == nil || s.Logs == nil {
+		return errs.New(errs.ErrUnavailable, "LOGS_UNAVAILABLE", "lease logs are not served by this control plane")
+	}
+	var (
+		tenant, node string
+		res          fetchResult
+	)
+	defer func() {
+		if aerr := s.auditLogs(ctx, c, req, tenant, node, res, err); aerr != nil {
+			if s.Log != nil {
+				s.Log.Error("audit lease logs", "lease", truncate(req.GetLeaseId(), 64), "err", aerr)
+			}
+			err = errs.Wrap(errs.ErrInternal, "AUDIT_FAILED", "the access could not be audited", aerr)
+		}
+	}()
+	if req.GetTailBytes() < 0 {
+		return errs.InvalidArgument("tail_bytes", "must not be negative")
+	}
+	l, err := s.Leases.Get(ctx, c, req.GetLeaseId())
+	if err != nil {
+		return err
+	}
+	tenant, node = l.GetSpec().GetTenant(), l.GetPlacement().GetNode()
+	if node == "" {
+		return errs.FailedPrecondition("LEASE_NOT_PLACED", "lease %s is not on a node yet", l.GetId())
+	}
+	res, err = s.Logs.fetch(ctx, node, l.GetId(), req.GetTailBytes(), func(data []byte, truncated bool) error {
+		return stream.Send(&leasev1.GetLeaseLogsResponse{Data: data, Truncated: truncated})
+	})
+	return err
+}
+
+// auditLogs appends the one entry of a GetLeaseLogs call.
+func (s *LeaseServer) auditLogs(ctx context.Context, c lease.Caller, req *leasev1.GetLeaseLogsRequest, tenant, node string, res fetchResult, callErr error) error {
+	outcome, reason := auditlog.OutcomeSuccess, ""
+	if callErr != nil {
+		outcome, reason = auditlog.OutcomeFailure, errs.ReasonOf(callErr)
+		if reason == "" {
+			reason = errs.Code(callErr).String()
+		}
+		if errors.Is(callErr, errs.ErrPermissionDenied) || errors.Is(callErr, errs.ErrUnauthenticated) {
+			outcome = auditlog.OutcomeDenied
+		}
+	}
+	details := map[string]string{
+		"tail_bytes": strconv.FormatInt(req.GetTailBytes(), 10),
+		"bytes":      strconv.FormatInt(res.bytes, 10),
+		"truncated":  strconv.FormatBool(res.truncated),
+	}
+	if node != "" {
+		details["node"] = node
+	}
+	return s.Store.Update(context.WithoutCancel(ctx), func(tx store.Tx) error {
+		_, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Tenant: tenant, Action: "lease.logs",
+			Resource: "lease/" + truncate(req.GetLeaseId(), 64), Outcome: outcome, Reason: reason, RequestID: c.RequestID, Details: details})
+		return err
 	})
 }

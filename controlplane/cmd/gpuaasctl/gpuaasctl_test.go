@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -38,6 +39,7 @@ type controlPlane struct {
 	addr string
 	pki  *identity.DevPKI
 	reg  *fleet.Registry
+	st   store.Store
 }
 
 func startControlPlane(t *testing.T) *controlPlane {
@@ -64,8 +66,9 @@ func startControlPlane(t *testing.T) *controlPlane {
 	srv := grpc.NewServer(
 		grpc.Creds(identity.ServerCredentials(src, identity.AuthorizeKinds(pki.TrustDomain, identity.PeerAgent, identity.PeerOperator))),
 		grpc.ChainUnaryInterceptor(authz.Unary(log)), grpc.ChainStreamInterceptor(authz.Stream(log)))
-	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second})
-	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases})
+	logs := &api.LogRelay{}
+	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second, Logs: logs})
+	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
 	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: reg, Leases: leases})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -74,7 +77,7 @@ func startControlPlane(t *testing.T) *controlPlane {
 	served := make(chan struct{})
 	go func() { defer close(served); srv.Serve(lis) }()
 	t.Cleanup(func() { srv.Stop(); <-served; st.Close() })
-	return &controlPlane{addr: lis.Addr().String(), pki: pki, reg: reg}
+	return &controlPlane{addr: lis.Addr().String(), pki: pki, reg: reg, st: st}
 }
 
 // connectNode registers node-a's agent session with one MIG-enabled H200,
@@ -534,4 +537,106 @@ func mustOffline(t *testing.T, args ...string) string {
 		t.Fatalf("gpuaasctl %s: %s", strings.Join(args, " "), describe(err))
 	}
 	return out
+}
+
+// agentServingLogs opens node-a's agent session over mTLS and answers every
+// log request with the last tail_bytes of log (all of it for 0) in chunks of
+// at most 64 KiB, as the agent does.
+func (cp *controlPlane) agentServingLogs(t *testing.T, log []byte) {
+	t.Helper()
+	svid, err := x509svid.Load(cp.pki.Agents["node-a"].CertPath, cp.pki.Agents["node-a"].KeyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := identity.StaticSource{SVID: svid, Bundle: cp.pki.CA.Bundle()}
+	conn, err := grpc.NewClient(cp.addr, grpc.WithTransportCredentials(identity.ClientCredentials(src, tlsconfig.AuthorizeID(identity.ControlPlaneID(cp.pki.TrustDomain)))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := agentv1.NewAgentServiceClient(conn).Session(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv := &nodev1.Inventory{Gpus: []*nodev1.Gpu{{Uuid: "GPU-0a1b2c3d-0000-4000-8000-000000000001", Model: "NVIDIA H200", PciDeviceId: 0x2335, MigCapable: true, MigEnabled: true}}}
+	if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Hello{Hello: &agentv1.Hello{NodeId: "node-a", Inventory: inv}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := stream.Recv(); err != nil || m.GetDesired() == nil {
+		t.Fatalf("hello: %v %v", m, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			req := m.GetLogRequest()
+			if req == nil {
+				continue
+			}
+			data, truncated := log, false
+			if n := req.GetTailBytes(); n > 0 && int64(len(data)) > n {
+				data, truncated = data[int64(len(data))-n:], true
+			}
+			for first := true; first || len(data) > 0; first = false {
+				n := min(len(data), 64<<10)
+				ch := &agentv1.LogChunk{RequestId: req.GetRequestId(), Data: data[:n], Eof: n == len(data)}
+				ch.Truncated = ch.Eof && truncated
+				data = data[n:]
+				if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_LogChunk{LogChunk: ch}}); err != nil {
+					return
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done; conn.Close() })
+}
+
+func TestLeaseLogsThroughTheCLI(t *testing.T) {
+	cp := startControlPlane(t)
+	var log bytes.Buffer
+	for i := 0; i < 5000; i++ {
+		fmt.Fprintf(&log, "2026-11-28T22:00:00.%09dZ stdout F line %d\n", i, i)
+	}
+	cp.agentServingLogs(t, log.Bytes())
+	l := parseLease(t, cp.mustCtl(t, append([]string{"-o", "json"}, createArgs...)...))
+	if l.GetPlacement().GetNode() != "node-a" {
+		t.Fatalf("lease on %q", l.GetPlacement().GetNode())
+	}
+
+	out := cp.mustCtl(t, "lease", "logs", l.GetId())
+	if out != log.String() {
+		t.Fatalf("logs: %d bytes, want the agent's %d", len(out), log.Len())
+	}
+	out = cp.mustCtl(t, "lease", "logs", l.GetId(), "--tail", "100")
+	if len(out) != 100 || !strings.HasSuffix(log.String(), out) {
+		t.Fatalf("--tail 100: %q", out)
+	}
+	if _, err := cp.ctl(t, "lease", "logs", "l-zzzzzzzzzzzzzzzzzzzz"); !strings.Contains(describe(err), "LEASE_NOT_FOUND") {
+		t.Fatalf("unknown lease: %s", describe(err))
+	}
+	if _, err := cp.ctl(t, "lease", "logs", l.GetId(), "--tail", "-1"); err == nil {
+		t.Fatal("a negative --tail was accepted")
+	}
+
+	es, err := audit.List(context.Background(), cp.st, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var outcomes []string
+	for _, e := range es {
+		if e.Action == "lease.logs" {
+			outcomes = append(outcomes, e.Outcome+" "+e.Resource)
+			if e.Actor != cp.pki.Operators["alice"].ID.String() {
+				t.Errorf("actor %s", e.Actor)
+			}
+		}
+	}
+	want := []string{"success lease/" + l.GetId(), "success lease/" + l.GetId(), "failure lease/l-zzzzzzzzzzzzzzzzzzzz"}
+	if strings.Join(outcomes, ",") != strings.Join(want, ",") {
+		t.Fatalf("lease.logs audit entries %q, want %q", outcomes, want)
+	}
 }

@@ -240,7 +240,50 @@ func leaseCmd(g *globals) *cobra.Command {
 	watch.Flags().StringVar(&watchTenant, "tenant", "", "only this tenant")
 	watch.Flags().Int64Var(&fromRev, "from-revision", 0, "resume after this revision (0: current state first)")
 
-	cmd.AddCommand(create, get, list, cancelCmd, extend, watch)
+	var tail int64
+	logs := &cobra.Command{
+		Use:   "logs ID",
+		Short: "Print a lease's captured stdout and stderr",
+		Long: "Print the workload's output as the agent stored it, oldest first, one record a line:\n" +
+			"<time> <stdout|stderr> <F|P> <text> (P: part of a longer line). The control plane\n" +
+			"caps what one call returns; a note on stderr says when output was left out.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			if tail < 0 {
+				return fmt.Errorf("--tail %d: must not be negative", tail)
+			}
+			c, ctx, done, err := leaseClient(g, cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			stream, err := c.GetLeaseLogs(ctx, &leasev1.GetLeaseLogsRequest{LeaseId: a[0], TailBytes: tail})
+			if err != nil {
+				return err
+			}
+			truncated := false
+			for {
+				resp, err := stream.Recv()
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					return err
+				}
+				truncated = truncated || resp.GetTruncated()
+				if _, err := g.stdout.Write(resp.GetData()); err != nil {
+					return err
+				}
+			}
+			if truncated {
+				fmt.Fprintln(cmd.ErrOrStderr(), "gpuaasctl: older output was rotated away or the server's limit was reached; not all of the log is shown")
+			}
+			return nil
+		},
+	}
+	logs.Flags().Int64Var(&tail, "tail", 0, "only the last BYTES of the log, from a line start (0: all that is retained)")
+
+	cmd.AddCommand(create, get, list, cancelCmd, extend, watch, logs)
 	return cmd
 }
 
