@@ -43,8 +43,10 @@ const (
 )
 
 // stallTimeout is how long a stream waits for a stuck disk before the
-// driver starts dropping its records.
-const stallTimeout = 2 * time.Second
+// driver starts dropping its records. Long enough that a loaded host (or a
+// slow fsync) never loses output, short enough that a dead disk does not
+// hold a tenant's writes for long: its pipe and the queue absorb the wait.
+const stallTimeout = 10 * time.Second
 
 type options struct {
 	file     string
