@@ -1,12 +1,17 @@
 // Package api is the control plane's gRPC edge: the servers for the agent,
 // lease and node services, and the interceptors every call passes through
-// (authentication from the peer's SPIFFE ID, per-method authorization,
-// panic recovery, canonical errors, logging). A method not listed in the
-// authorization table is refused: deny by default.
+// (authentication from the peer's SPIFFE ID or an OIDC bearer token,
+// per-method authorization by role and scope, tenant confinement,
+// per-identity rate limits, default deadlines, audited denials, panic
+// recovery, canonical errors, logging). A method not listed in the
+// authorization table is refused: deny by default. Authentication and
+// authorization run before any handler, so a refused call never reaches
+// the store.
 package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"runtime/debug"
@@ -14,11 +19,15 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
 	"github.com/gpuaas/gpuaas/controlplane/lease"
+	"github.com/gpuaas/gpuaas/pkg/authn"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 )
@@ -27,31 +36,66 @@ import (
 type Role int
 
 const (
+	// RoleAgent: an agent SVID (spiffe://TD/gpuaas/agent/NODE) only.
 	RoleAgent Role = iota + 1
+	// RoleOperator: a platform caller, either an allowlisted operator SVID
+	// (a platform-admin service caller) or a bearer token holding the
+	// method's scope.
 	RoleOperator
 )
 
-// methodRoles is the authorization table: every served method and the one
-// role that may call it.
-var methodRoles = map[string]Role{
-	"/gpuaas.agent.v1.AgentService/Session":      RoleAgent,
-	"/gpuaas.lease.v1.LeaseService/CreateLease":  RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/GetLease":     RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/ListLeases":   RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/CancelLease":  RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/ExtendLease":  RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/WatchLeases":  RoleOperator,
-	"/gpuaas.lease.v1.LeaseService/GetLeaseLogs": RoleOperator,
-	"/gpuaas.node.v1.NodeService/ListNodes":      RoleOperator,
-	"/gpuaas.node.v1.NodeService/GetNode":        RoleOperator,
+// Access is who may call a method: the role, and for RoleOperator the
+// scope a token caller needs.
+type Access struct {
+	Role  Role
+	Scope authn.Scope
+	// SelfAudited methods append their own audit entry for every outcome,
+	// denials included, so the edge does not add a second one for a
+	// denial the handler returns.
+	SelfAudited bool
 }
 
-// Authorizer decides who may call what.
+// methodRoles is the authorization table: every served method, the one
+// role that may call it and the scope it requires. docs/security/scopes.md
+// is the same table for humans; TestScopeTableMatchesDocs keeps them equal
+// and test/guard checks every RPC of the protos is here.
+var methodRoles = map[string]Access{
+	"/gpuaas.agent.v1.AgentService/Session":      {Role: RoleAgent, SelfAudited: true},
+	"/gpuaas.lease.v1.LeaseService/CreateLease":  {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
+	"/gpuaas.lease.v1.LeaseService/GetLease":     {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
+	"/gpuaas.lease.v1.LeaseService/ListLeases":   {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
+	"/gpuaas.lease.v1.LeaseService/CancelLease":  {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
+	"/gpuaas.lease.v1.LeaseService/ExtendLease":  {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
+	"/gpuaas.lease.v1.LeaseService/WatchLeases":  {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
+	"/gpuaas.lease.v1.LeaseService/GetLeaseLogs": {Role: RoleOperator, Scope: authn.ScopeLeaseRead, SelfAudited: true},
+	"/gpuaas.node.v1.NodeService/ListNodes":      {Role: RoleOperator, Scope: authn.ScopeNodeRead},
+	"/gpuaas.node.v1.NodeService/GetNode":        {Role: RoleOperator, Scope: authn.ScopeNodeRead},
+}
+
+// TokenVerifier authenticates bearer tokens; *authn.Verifier is one.
+type TokenVerifier interface {
+	Verify(ctx context.Context, token string) (authn.Principal, error)
+}
+
+// Authorizer decides who may call what. Its zero optional fields disable
+// what they configure: no tokens accepted, no rate limit, denials only
+// logged, no default deadline.
 type Authorizer struct {
 	TrustDomain spiffeid.TrustDomain
 	// Operators allowlists operator SPIFFE IDs; empty allows every
-	// spiffe://TD/gpuaas/operator/* ID.
+	// spiffe://TD/gpuaas/operator/* ID. Operators are platform-admin
+	// service callers: every scope, every tenant.
 	Operators []spiffeid.ID
+	// Tokens verifies OIDC bearer tokens on RoleOperator methods; nil
+	// refuses every token.
+	Tokens TokenVerifier
+	// Limiter rate-limits each authenticated identity; nil: no limit.
+	Limiter *RateLimiter
+	// Denials audits every refused call; nil: refusals are only logged.
+	Denials *DenialAuditor
+	// UnaryTimeout is the deadline of a unary call that has none, and the
+	// longest one a caller may ask for; 0: none.
+	UnaryTimeout time.Duration
 }
 
 type callerKey struct{}
@@ -62,31 +106,178 @@ func CallerFrom(ctx context.Context) (lease.Caller, bool) {
 	return c, ok
 }
 
-// authorize authenticates the peer and checks the method table.
-func (a Authorizer) authorize(ctx context.Context, method string) (context.Context, error) {
-	role, ok := methodRoles[method]
+// refusal is a refused call: the canonical error, and who made it as far
+// as we know.
+type refusal struct {
+	err    error
+	actor  string // verified identity, or ""
+	tenant string
+}
+
+// bearerToken returns the bearer token of the call's authorization
+// metadata; present is true when the caller sent an authorization header
+// at all (a malformed one is an error, not an absent one).
+func bearerToken(ctx context.Context) (token string, present bool, err error) {
+	md, ok := metadata.FromIncomingContext(ctx)
 	if !ok {
-		return nil, errs.PermissionDenied("METHOD_NOT_ALLOWED", "method not allowed")
+		return "", false, nil
+	}
+	vals := md.Get("authorization")
+	if len(vals) == 0 {
+		return "", false, nil
+	}
+	if len(vals) > 1 {
+		return "", true, errs.New(errs.ErrUnauthenticated, "TOKEN_MALFORMED", "more than one authorization header")
+	}
+	scheme, tok, found := strings.Cut(vals[0], " ")
+	if !found || !strings.EqualFold(scheme, "bearer") || tok == "" {
+		return "", true, errs.New(errs.ErrUnauthenticated, "TOKEN_MALFORMED", "authorization must be \"Bearer <token>\"")
+	}
+	return strings.TrimSpace(tok), true, nil
+}
+
+// authenticate establishes the principal of a call to a method of role:
+// a bearer token if one is sent (RoleOperator methods only), otherwise the
+// peer's SVID.
+func (a Authorizer) authenticate(ctx context.Context, role Role) (authn.Principal, *refusal) {
+	token, present, err := bearerToken(ctx)
+	if err != nil {
+		return authn.Principal{}, &refusal{err: err}
+	}
+	if present {
+		if role != RoleOperator {
+			return authn.Principal{}, &refusal{err: errs.PermissionDenied("NOT_AN_AGENT", "only agents may call this method")}
+		}
+		if a.Tokens == nil {
+			return authn.Principal{}, &refusal{err: errs.New(errs.ErrUnauthenticated, "TOKENS_NOT_ACCEPTED", "bearer tokens are not accepted here")}
+		}
+		p, err := a.Tokens.Verify(ctx, token)
+		if err != nil {
+			return authn.Principal{}, &refusal{err: err}
+		}
+		return p, nil
+	}
+	if !peerPresentedCert(ctx) {
+		return authn.Principal{}, &refusal{err: errNoCredentials}
 	}
 	id, err := identity.PeerID(ctx)
 	if err != nil {
-		return nil, errs.New(errs.ErrUnauthenticated, "NO_PEER_IDENTITY", "a SPIFFE X.509 SVID is required")
+		return authn.Principal{}, &refusal{err: errNoCredentials}
 	}
+	p := authn.Principal{Kind: authn.KindSPIFFE, Subject: id.String()}
 	if id.TrustDomain() != a.TrustDomain {
-		return nil, errs.PermissionDenied("FOREIGN_TRUST_DOMAIN", "peer is not in this trust domain")
+		return p, &refusal{err: errs.PermissionDenied("FOREIGN_TRUST_DOMAIN", "peer is not in this trust domain"), actor: p.ID()}
 	}
 	switch role {
 	case RoleAgent:
 		if _, ok := identity.ParseAgentNode(id); !ok {
-			return nil, errs.PermissionDenied("NOT_AN_AGENT", "only agents may call this method")
+			return p, &refusal{err: errs.PermissionDenied("NOT_AN_AGENT", "only agents may call this method"), actor: p.ID()}
 		}
 	case RoleOperator:
 		if !a.operatorAllowed(id) {
-			return nil, errs.PermissionDenied("NOT_AN_OPERATOR", "caller is not an allowed operator")
+			return p, &refusal{err: errs.PermissionDenied("NOT_AN_OPERATOR", "caller is not an allowed operator"), actor: p.ID()}
+		}
+		p.Admin = true
+	}
+	return p, nil
+}
+
+var errNoCredentials = errs.New(errs.ErrUnauthenticated, "NO_CREDENTIALS", "a SPIFFE X.509 SVID or a bearer token is required")
+
+// peerPresentedCert is a cheap pre-check of identity.PeerID: false only
+// when the peer's TLS state certainly holds no certificate, so refusing a
+// call without credentials costs no error formatting.
+func peerPresentedCert(ctx context.Context) bool {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p == nil {
+		return false
+	}
+	switch ai := p.AuthInfo.(type) {
+	case credentials.TLSInfo:
+		return len(ai.State.PeerCertificates) > 0
+	case *credentials.TLSInfo:
+		return ai != nil && len(ai.State.PeerCertificates) > 0
+	}
+	return true // another credentials type: PeerID decides
+}
+
+// authorize checks the authenticated principal against the method's
+// access and returns the request context carrying it.
+func (a Authorizer) authorize(ctx context.Context, acc Access, p authn.Principal) (context.Context, *refusal) {
+	deny := func(err error) (context.Context, *refusal) {
+		return nil, &refusal{err: err, actor: p.ID(), tenant: p.Tenant}
+	}
+	if p.Kind == authn.KindToken {
+		if !p.HasScope(acc.Scope) {
+			return deny(errs.PermissionDenied("MISSING_SCOPE", "the token lacks scope %s", acc.Scope))
+		}
+		if !p.Admin && p.Tenant == "" {
+			// Without a tenant claim a non-admin caller would see every
+			// tenant: refuse instead.
+			return deny(errs.PermissionDenied("NO_TENANT", "the token names no tenant"))
 		}
 	}
-	c := lease.Caller{ID: id.String(), RequestID: requestID(ctx)}
-	return context.WithValue(ctx, callerKey{}, c), nil
+	c := lease.Caller{ID: p.ID(), Tenant: p.TenantFilter(), RequestID: requestID(ctx)}
+	return authn.NewContext(context.WithValue(ctx, callerKey{}, c), p), nil
+}
+
+// admit runs authentication, the rate limit and authorization for a call.
+// setTrailer attaches metadata to the response (retry-after).
+func (a Authorizer) admit(ctx context.Context, method string, setTrailer func(metadata.MD)) (context.Context, *refusal) {
+	acc, ok := methodRoles[method]
+	if !ok {
+		return nil, &refusal{err: errs.PermissionDenied("METHOD_NOT_ALLOWED", "method not allowed")}
+	}
+	p, r := a.authenticate(ctx, acc.Role)
+	if r != nil {
+		return nil, r
+	}
+	if a.Limiter != nil {
+		if ok, wait := a.Limiter.Allow(p.ID()); !ok {
+			secs := int64((wait + time.Second - 1) / time.Second)
+			setTrailer(metadata.Pairs("retry-after", fmt.Sprint(secs), "retry-after-ms", fmt.Sprint(wait.Milliseconds()+1)))
+			return nil, &refusal{err: errs.ResourceExhausted("RATE_LIMITED", "too many requests; retry after %ds", secs), actor: p.ID(), tenant: p.Tenant}
+		}
+	}
+	return a.authorize(ctx, acc, p)
+}
+
+// deadline gives a unary call the default deadline, or caps a longer one.
+func (a Authorizer) deadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if a.UnaryTimeout <= 0 {
+		return ctx, func() {}
+	}
+	if d, ok := ctx.Deadline(); ok && time.Until(d) <= a.UnaryTimeout {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, a.UnaryTimeout)
+}
+
+// refused audits a refused call.
+func (a Authorizer) refused(ctx context.Context, method string, r *refusal) {
+	if a.Denials == nil {
+		return
+	}
+	a.Denials.Record(ctx, Denial{Actor: r.actor, Tenant: r.tenant, Method: method, Err: r.err, RequestID: requestID(ctx)})
+}
+
+// handlerDenial audits a denial decided by a handler: PermissionDenied or
+// Unauthenticated, or a NotFound that hides another tenant's resource.
+func (a Authorizer) handlerDenial(ctx context.Context, method string, err error) {
+	if err == nil || a.Denials == nil || methodRoles[method].SelfAudited {
+		return
+	}
+	if !errors.Is(err, errs.ErrPermissionDenied) && !errors.Is(err, errs.ErrUnauthenticated) && !errors.Is(err, authn.ErrOtherTenant) {
+		return
+	}
+	d := Denial{Method: method, Err: err, RequestID: requestID(ctx)}
+	if p, ok := authn.FromContext(ctx); ok {
+		d.Actor, d.Tenant = p.ID(), p.Tenant
+	}
+	if errors.Is(err, authn.ErrOtherTenant) {
+		d.Reason = "OTHER_TENANT"
+	}
+	a.Denials.Record(ctx, d)
 }
 
 func (a Authorizer) operatorAllowed(id spiffeid.ID) bool {
@@ -119,18 +310,27 @@ func requestID(ctx context.Context) string {
 func (a Authorizer) Unary(log *slog.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
 		start := time.Now()
+		markReached(ctx)
+		who := ""
 		defer func() {
 			if p := recover(); p != nil {
 				log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 				err = errs.New(errs.ErrInternal, "INTERNAL", "internal error")
 			}
-			err = finish(log, ctx, info.FullMethod, start, err)
+			err = finish(log, who, info.FullMethod, start, err)
 		}()
-		actx, aerr := a.authorize(ctx, info.FullMethod)
-		if aerr != nil {
-			return nil, aerr
+		actx, r := a.admit(ctx, info.FullMethod, func(md metadata.MD) { _ = grpc.SetTrailer(ctx, md) })
+		if r != nil {
+			who = r.actor
+			a.refused(ctx, info.FullMethod, r)
+			return nil, r.err
 		}
-		return handler(actx, req)
+		who = principalID(actx)
+		actx, cancel := a.deadline(actx)
+		defer cancel()
+		resp, err = handler(actx, req)
+		a.handlerDenial(actx, info.FullMethod, err)
+		return resp, err
 	}
 }
 
@@ -141,45 +341,93 @@ type wrappedStream struct {
 
 func (w wrappedStream) Context() context.Context { return w.ctx }
 
-// Stream returns the stream interceptor chain.
+// Stream returns the stream interceptor chain. Streams get no default
+// deadline: sessions and watches are long-lived by design; keepalive
+// enforcement ends dead ones.
 func (a Authorizer) Stream(log *slog.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
 		start := time.Now()
+		markReached(ss.Context())
+		who := ""
 		defer func() {
 			if p := recover(); p != nil {
 				log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 				err = errs.New(errs.ErrInternal, "INTERNAL", "internal error")
 			}
-			err = finish(log, ss.Context(), info.FullMethod, start, err)
+			err = finish(log, who, info.FullMethod, start, err)
 		}()
-		actx, aerr := a.authorize(ss.Context(), info.FullMethod)
-		if aerr != nil {
-			return aerr
+		actx, r := a.admit(ss.Context(), info.FullMethod, ss.SetTrailer)
+		if r != nil {
+			who = r.actor
+			a.refused(ss.Context(), info.FullMethod, r)
+			return r.err
 		}
-		return handler(srv, wrappedStream{ServerStream: ss, ctx: actx})
+		who = principalID(actx)
+		err = handler(srv, wrappedStream{ServerStream: ss, ctx: actx})
+		a.handlerDenial(actx, info.FullMethod, err)
+		return err
 	}
 }
 
-// finish logs the call and turns err into its canonical status.
-func finish(log *slog.Logger, ctx context.Context, method string, start time.Time, err error) error {
-	peer := ""
-	if id, perr := identity.PeerID(ctx); perr == nil {
-		peer = id.String()
+// ServerOptions returns the interceptors and the stats handler that audits
+// calls refused by the transport before they reach an interceptor (an
+// oversized message).
+func (a Authorizer) ServerOptions(log *slog.Logger) []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(a.Unary(log)),
+		grpc.ChainStreamInterceptor(a.Stream(log)),
+		grpc.StatsHandler(&transportRefusals{denials: a.Denials}),
+	}
+}
+
+func principalID(ctx context.Context) string {
+	if p, ok := authn.FromContext(ctx); ok {
+		return p.ID()
+	}
+	return ""
+}
+
+// refusalLogs bounds the "rpc refused" log lines of the process: a flood
+// of refused calls must not become a flood of log writes (each refusal is
+// counted, and audited within the DenialAuditor's budget, anyway).
+var refusalLogs = rate.NewLimiter(20, 100)
+
+// noCredentialsStatus is the status of the commonest refusal, built once:
+// refusing a call without credentials allocates next to nothing.
+var noCredentialsStatus = errs.ToStatus(errNoCredentials)
+
+// finish logs the call and turns err into its canonical status. who is the
+// caller's verified identity, "" if none.
+func finish(log *slog.Logger, who, method string, start time.Time, err error) error {
+	if err == errNoCredentials { //nolint:errorlint // identity: the shared sentinel value
+		if refusalLogs.Allow() {
+			log.Warn("rpc refused", "method", method, "code", codes.Unauthenticated.String(), "peer", who, "reason", errNoCredentials.Reason)
+		}
+		return noCredentialsStatus.Err()
 	}
 	st := errs.ToStatus(err)
-	attrs := []any{"method", method, "code", st.Code().String(), "duration", time.Since(start), "peer", peer}
-	if err != nil {
-		attrs = append(attrs, "reason", errs.ReasonOf(err), "err", err)
-		switch st.Code() {
-		case codes.Internal, codes.Unknown, codes.DataLoss, codes.Unavailable:
-			log.Error("rpc failed", attrs...)
-		case codes.PermissionDenied, codes.Unauthenticated:
-			log.Warn("rpc refused", attrs...)
-		default:
-			log.Info("rpc failed", attrs...)
+	if err == nil {
+		if log.Enabled(context.Background(), slog.LevelDebug) {
+			log.Debug("rpc", "method", method, "code", st.Code().String(), "duration", time.Since(start), "peer", who)
 		}
-		return st.Err()
+		return nil
 	}
-	log.Debug("rpc", attrs...)
-	return nil
+	attrs := []any{"method", method, "code", st.Code().String(), "duration", time.Since(start), "peer", who, "reason", errs.ReasonOf(err), "err", err}
+	switch st.Code() {
+	case codes.Internal, codes.Unknown, codes.DataLoss, codes.Unavailable:
+		log.Error("rpc failed", attrs...)
+	case codes.PermissionDenied, codes.Unauthenticated:
+		if refusalLogs.Allow() {
+			log.Warn("rpc refused", attrs...)
+		}
+	default:
+		if errs.ReasonOf(err) == "RATE_LIMITED" {
+			if refusalLogs.Allow() {
+				log.Warn("rpc refused", attrs...)
+			}
+			break
+		}
+		log.Info("rpc failed", attrs...)
+	}
+	return st.Err()
 }
