@@ -30,6 +30,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"golang.org/x/sys/unix"
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
@@ -318,17 +319,31 @@ func checkSVID(in Inputs) Result {
 	if err := in.SVID.Validate(); err != nil {
 		return Result{name, Fail, err.Error(), "set svid.cert, svid.key and svid.bundle (or use the SPIFFE Workload API)"}
 	}
-	svid, err := x509svid.Load(in.SVID.Cert, in.SVID.Key)
-	if err != nil {
-		return Result{name, Fail, err.Error(), "check the SVID certificate and key files are readable PEM and belong together"}
-	}
 	td, err := spiffeid.TrustDomainFromString(in.TrustDomain)
 	if err != nil {
 		return Result{name, Fail, "trust_domain: " + err.Error(), "set trust_domain"}
 	}
-	bundle, err := x509bundle.Load(td, in.SVID.Bundle)
-	if err != nil {
-		return Result{name, Fail, err.Error(), "check the trust bundle file"}
+	var svid *x509svid.SVID
+	var bundle *x509bundle.Bundle
+	if in.SVID.WorkloadAPI != "" {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		xc, err := workloadapi.FetchX509Context(ctx, workloadapi.WithAddr(in.SVID.WorkloadAPI))
+		if err != nil {
+			return Result{name, Fail, "workload API " + in.SVID.WorkloadAPI + ": " + err.Error(),
+				"start the SPIRE agent and register an entry for the gpuaas-agent workload"}
+		}
+		svid = xc.DefaultSVID()
+		if bundle, err = xc.Bundles.GetX509BundleForTrustDomain(td); err != nil {
+			return Result{name, Fail, err.Error(), "the SPIRE agent has no bundle for " + td.Name()}
+		}
+	} else {
+		if svid, err = x509svid.Load(in.SVID.Cert, in.SVID.Key); err != nil {
+			return Result{name, Fail, err.Error(), "check the SVID certificate and key files are readable PEM and belong together"}
+		}
+		if bundle, err = x509bundle.Load(td, in.SVID.Bundle); err != nil {
+			return Result{name, Fail, err.Error(), "check the trust bundle file"}
+		}
 	}
 	want, err := spiffeid.FromSegments(td, "gpuaas", "agent", in.Node)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"os"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -139,19 +140,33 @@ func FieldError(key, format string, args ...any) error {
 	return fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...))
 }
 
-// SVID names the files of an X.509 SVID: certificate chain, key and the
-// trust bundle. The files are watched and reloaded by pkg/identity.
+// SVID says where a daemon's X.509 SVID comes from: the SPIFFE Workload
+// API (SPIRE's agent socket), or files (certificate chain, key and the
+// trust bundle) that pkg/identity watches and reloads. Exactly one.
 type SVID struct {
-	Cert   string `yaml:"cert"`
-	Key    string `yaml:"key"`
-	Bundle string `yaml:"bundle"`
+	// WorkloadAPI is the Workload API socket address, "unix:///path".
+	WorkloadAPI string `yaml:"workload_api"`
+	Cert        string `yaml:"cert"`
+	Key         string `yaml:"key"`
+	Bundle      string `yaml:"bundle"`
 }
 
-// Validate checks every file is named (under the key "svid").
+// Validate checks that exactly one source is named, fully (under the key
+// "svid").
 func (s SVID) Validate() error {
+	files := s.Cert != "" || s.Key != "" || s.Bundle != ""
+	if s.WorkloadAPI != "" {
+		if files {
+			return FieldError("svid", "set either workload_api or cert, key and bundle, not both")
+		}
+		if !strings.HasPrefix(s.WorkloadAPI, "unix:///") {
+			return FieldError("svid.workload_api", "must be a unix socket address, unix:///path")
+		}
+		return nil
+	}
 	for _, f := range []struct{ key, v string }{{"svid.cert", s.Cert}, {"svid.key", s.Key}, {"svid.bundle", s.Bundle}} {
 		if f.v == "" {
-			return FieldError(f.key, "is required")
+			return FieldError(f.key, "is required (or set svid.workload_api)")
 		}
 	}
 	return nil
