@@ -12,6 +12,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/lease"
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
+	"github.com/gpuaas/gpuaas/pkg/authn"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 )
@@ -180,7 +181,7 @@ func (s *LeaseServer) auditLogs(ctx context.Context, c lease.Caller, req *leasev
 		if reason == "" {
 			reason = errs.Code(callErr).String()
 		}
-		if errors.Is(callErr, errs.ErrPermissionDenied) || errors.Is(callErr, errs.ErrUnauthenticated) {
+		if errors.Is(callErr, errs.ErrPermissionDenied) || errors.Is(callErr, errs.ErrUnauthenticated) || errors.Is(callErr, authn.ErrOtherTenant) {
 			outcome = auditlog.OutcomeDenied
 		}
 	}

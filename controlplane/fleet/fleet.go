@@ -1,7 +1,9 @@
 // Package fleet tracks the control plane's nodes: their live agent sessions,
-// inventories and liveness. It answers the scheduler's "which nodes can take
-// work" and wakes a node's session when its desired state changes. It never
-// changes leases.
+// inventories, liveness (heartbeat TTLs that scale with the fleet, a node
+// past its TTL declared down) and cordons. It answers the scheduler's
+// "which nodes can take work" and wakes a node's session when its desired
+// state changes. It never writes leases itself: a dead node's leases are
+// marked lost by the lease service.
 package fleet
 
 import (
@@ -15,8 +17,10 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/lease"
 	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -43,31 +47,77 @@ type Session struct {
 
 // Registry is the set of nodes and their sessions.
 type Registry struct {
-	st  store.Store
-	log *slog.Logger
-	now func() time.Time
+	st      store.Store
+	log     *slog.Logger
+	now     func() time.Time
+	live    Liveness
+	leases  LeaseLoser
+	started time.Time
 
 	mu       sync.Mutex
 	sessions map[string]*Session
+	// deadline is when each tracked node is declared down unless heard
+	// from (liveness.go).
+	deadline      map[string]time.Time
+	restored      bool
+	cordoned      map[string]bool
+	cordonsLoaded bool
 }
 
-// New returns an empty registry backed by st (node records persist there).
-func New(st store.Store, log *slog.Logger) *Registry {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	return &Registry{st: st, log: log, now: time.Now, sessions: map[string]*Session{}}
+// Options configures a registry.
+type Options struct {
+	Logger *slog.Logger
+	// Now is the clock (default time.Now); tests inject one.
+	Now func() time.Time
+	// Liveness sets heartbeat TTLs (zero fields take defaults).
+	Liveness Liveness
+	// Leases is told when a node dies; nil marks no lease lost.
+	Leases LeaseLoser
 }
+
+// New returns an empty registry backed by st (node records persist there)
+// with default liveness and no lease service.
+func New(st store.Store, log *slog.Logger) *Registry {
+	return NewRegistry(st, Options{Logger: log})
+}
+
+// NewRegistry returns an empty registry backed by st. Its start time,
+// from which known nodes' failover TTL runs, is now.
+func NewRegistry(st store.Store, opts Options) *Registry {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Registry{st: st, log: opts.Logger, now: opts.Now, live: opts.Liveness.withDefaults(), leases: opts.Leases,
+		started: opts.Now(), sessions: map[string]*Session{}, deadline: map[string]time.Time{}, cordoned: map[string]bool{}}
+}
+
+// SetLeases wires the lease service after construction (it needs the
+// fleet too).
+func (r *Registry) SetLeases(l LeaseLoser) { r.leases = l }
 
 var _ lease.Fleet = (*Registry)(nil)
 
 // Connect registers a session for node, replacing (and signalling) any
 // older one.
 func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version string, inv *nodev1.Inventory) (*Session, error) {
+	r.mu.Lock()
+	loaded := r.cordonsLoaded
+	r.mu.Unlock()
+	if !loaded {
+		if err := r.loadCordons(ctx); err != nil {
+			return nil, err
+		}
+		r.mu.Lock()
+		r.cordonsLoaded = true
+		r.mu.Unlock()
+	}
 	now := r.now()
 	s := &Session{Node: node, PeerID: peerID, RemoteAddr: remote, AgentVersion: version, ConnectedAt: now,
 		inventory: inv, lastSeen: now, Wake: make(chan struct{}, 1), Replaced: make(chan struct{})}
-	if err := r.persist(ctx, s); err != nil {
+	if err := r.persistConnect(ctx, s); err != nil {
 		return nil, err
 	}
 	r.mu.Lock()
@@ -75,6 +125,7 @@ func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version st
 		close(old.Replaced)
 	}
 	r.sessions[node] = s
+	r.touchLocked(node, now)
 	r.mu.Unlock()
 	r.log.Info("agent connected", "node", node, "peer", peerID, "remote", remote, "gpus", len(inv.GetGpus()))
 	return s, nil
@@ -98,35 +149,74 @@ func (r *Registry) Disconnect(ctx context.Context, s *Session) {
 
 // Seen records liveness and, if inv is not nil, a fresh inventory.
 func (r *Registry) Seen(ctx context.Context, s *Session, inv *nodev1.Inventory) error {
+	now := r.now()
 	s.mu.Lock()
-	s.lastSeen = r.now()
+	s.lastSeen = now
 	if inv != nil {
 		s.inventory = inv
 	}
 	s.mu.Unlock()
+	r.mu.Lock()
+	if r.sessions[s.Node] == s {
+		r.touchLocked(s.Node, now)
+	}
+	r.mu.Unlock()
 	if inv != nil {
 		return r.persist(ctx, s)
 	}
 	return nil
 }
 
-func (r *Registry) persist(ctx context.Context, s *Session) error {
+func (r *Registry) nodeRecord(s *Session) ([]byte, error) {
 	s.mu.Lock()
 	n := &nodev1.Node{Id: s.Node, Inventory: s.inventory, LastSeen: timestamppb.New(s.lastSeen)}
 	s.mu.Unlock()
-	raw, err := proto.Marshal(n)
+	return proto.Marshal(n)
+}
+
+func (r *Registry) persist(ctx context.Context, s *Session) error {
+	raw, err := r.nodeRecord(s)
 	if err != nil {
 		return err
 	}
 	return r.st.Update(ctx, func(tx store.Tx) error { return tx.Put(store.BucketNodes, s.Node, raw) })
 }
 
-// ConnectedNodes implements lease.Fleet.
+// persistConnect stores the node record and, for a node that was down,
+// marks it up again (audited as node.up) in the same transaction.
+func (r *Registry) persistConnect(ctx context.Context, s *Session) error {
+	raw, err := r.nodeRecord(s)
+	if err != nil {
+		return err
+	}
+	return r.st.Update(ctx, func(tx store.Tx) error {
+		if err := tx.Put(store.BucketNodes, s.Node, raw); err != nil {
+			return err
+		}
+		st, err := getState(tx, s.Node)
+		if err != nil || st.State != StateDown {
+			return err
+		}
+		st.State, st.Since, st.Reason = StateUp, s.ConnectedAt, "agent reconnected"
+		if err := putState(tx, s.Node, st); err != nil {
+			return err
+		}
+		_, err = audit.Append(tx, auditlog.Entry{Time: s.ConnectedAt, Actor: s.PeerID, Action: "node.up", Resource: "node/" + s.Node,
+			Outcome: auditlog.OutcomeSuccess, Reason: "agent reconnected after the node was declared down"})
+		return err
+	})
+}
+
+// ConnectedNodes implements lease.Fleet: the nodes with a session that are
+// not cordoned.
 func (r *Registry) ConnectedNodes() []lease.NodeView {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := make([]lease.NodeView, 0, len(r.sessions))
 	for _, s := range r.sessions {
+		if r.cordoned[s.Node] {
+			continue
+		}
 		s.mu.Lock()
 		out = append(out, lease.NodeView{ID: s.Node, GPUs: s.inventory.GetGpus()})
 		s.mu.Unlock()

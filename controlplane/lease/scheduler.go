@@ -1,8 +1,12 @@
 package lease
 
 import (
+	"cmp"
 	"errors"
+	"slices"
 	"sort"
+	"strconv"
+	"sync"
 
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/mig"
@@ -20,23 +24,45 @@ type NodeView struct {
 // now; the lease stays PENDING and is retried.
 var errNoCapacity = errs.ResourceExhausted("NO_CAPACITY", "no connected node has capacity for the request")
 
+type modelKey struct {
+	pci  uint32
+	name string
+}
+
+// models caches modelOf: pkg/mig returns a fresh deep copy per lookup, and
+// placement looks up every GPU of the fleet per request. The cached models
+// are only read.
+var models sync.Map // modelKey -> mig.Model
+
 // modelOf finds the MIG model of a reported GPU: by PCI device id first
 // (names drift between drivers), then by name.
 func modelOf(g *nodev1.Gpu) (mig.Model, bool) {
-	if m, ok := mig.ModelByPCIDeviceID(g.GetPciDeviceId()); ok {
-		return m, true
+	k := modelKey{g.GetPciDeviceId(), g.GetModel()}
+	if m, ok := models.Load(k); ok {
+		return m.(mig.Model), true
 	}
-	return mig.ModelByName(g.GetModel())
+	m, ok := mig.ModelByPCIDeviceID(g.GetPciDeviceId())
+	if !ok {
+		m, ok = mig.ModelByName(g.GetModel())
+	}
+	if ok {
+		models.Store(k, m)
+	}
+	return m, ok
 }
 
-// allocations indexes the partitions live leases hold (even if not created
-// yet) by GPU UUID.
-func allocations(live []*leasev1.Lease) map[string][]mig.Instance {
+func instanceOf(p *leasev1.Placement) mig.Instance {
+	return mig.Instance{Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}}
+}
+
+// Allocations indexes the partitions live leases hold (even if not created
+// yet) by GPU UUID, as Place takes them.
+func Allocations(live []*leasev1.Lease) map[string][]mig.Instance {
 	out := map[string][]mig.Instance{}
 	for _, l := range live {
 		p := l.GetPlacement()
 		if p.GetGpuUuid() != "" {
-			out[p.GetGpuUuid()] = append(out[p.GetGpuUuid()], mig.Instance{Profile: mig.ProfileID(p.GetProfileId()), Placement: mig.Placement{Start: int(p.GetStart()), Size: int(p.GetSize())}})
+			out[p.GetGpuUuid()] = append(out[p.GetGpuUuid()], instanceOf(p))
 		}
 	}
 	return out
@@ -66,14 +92,14 @@ func instancesOn(g *nodev1.Gpu, held []mig.Instance) []mig.Instance {
 // Place chooses a node, GPU and MIG placement for the request with the
 // fleet planner (pkg/mig.PlanAcross): among every eligible GPU of every
 // connected node, the placement that loses the least future capacity, then
-// the fullest GPU. Running partitions never move. Partitions a node reports
-// that no lease holds (made by an operator) count as occupied.
-func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*leasev1.Placement, error) {
+// the fullest GPU. Running partitions never move. held is what live leases
+// hold, by GPU UUID (the allocation index, or Allocations). Partitions a
+// node reports that no lease holds (made by an operator) count as occupied.
+func Place(nodes []NodeView, held map[string][]mig.Instance, req *leasev1.GpuRequest) (*leasev1.Placement, error) {
 	profileName := req.GetMigProfile()
 	if profileName == "" {
 		return nil, errs.New(errs.ErrUnimplemented, "WHOLE_GPU_UNSUPPORTED", "whole-GPU leases are not schedulable yet")
 	}
-	held := allocations(live)
 	sorted := append([]NodeView(nil), nodes...)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].ID < sorted[j].ID })
 	type where struct {
@@ -82,6 +108,7 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 	}
 	var states []mig.GPUState
 	var at []where
+	seen := map[string]bool{}
 	for _, n := range sorted {
 		if req.GetNode() != "" && req.GetNode() != n.ID {
 			continue
@@ -96,8 +123,18 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 			if !ok {
 				continue
 			}
-			states = append(states, mig.GPUState{ID: n.ID + "/" + g.GetUuid(), Model: model,
-				Instances: instancesOn(g, held[g.GetUuid()]), Eligible: g.GetMigEnabled() && !g.GetUnhealthy()})
+			eligible := g.GetMigEnabled() && !g.GetUnhealthy()
+			instances := instancesOn(g, held[g.GetUuid()])
+			// GPUs in the same state score alike and the planner breaks
+			// ties by order, so only the first of each state can win:
+			// planning over one per state gives the same decision at a
+			// fraction of the cost (a fleet is mostly empty or full GPUs).
+			k := stateKey(model.Name, eligible, instances)
+			if seen[k] {
+				continue
+			}
+			seen[k] = true
+			states = append(states, mig.GPUState{ID: n.ID + "/" + g.GetUuid(), Model: model, Instances: instances, Eligible: eligible})
 			at = append(at, where{n.ID, g})
 		}
 	}
@@ -116,6 +153,34 @@ func Place(nodes []NodeView, live []*leasev1.Lease, req *leasev1.GpuRequest) (*l
 	}, nil
 }
 
+// stateKey names a GPU's state for Place's deduplication.
+func stateKey(model string, eligible bool, in []mig.Instance) string {
+	sorted := slices.Clone(in)
+	slices.SortFunc(sorted, func(a, b mig.Instance) int {
+		if c := cmp.Compare(a.Placement.Start, b.Placement.Start); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(a.Placement.Size, b.Placement.Size); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Profile, b.Profile)
+	})
+	b := make([]byte, 0, len(model)+2+12*len(sorted))
+	b = append(b, model...)
+	if eligible {
+		b = append(b, '+')
+	}
+	for _, i := range sorted {
+		b = append(b, '|')
+		b = strconv.AppendInt(b, int64(i.Profile), 10)
+		b = append(b, ':')
+		b = strconv.AppendInt(b, int64(i.Placement.Start), 10)
+		b = append(b, ':')
+		b = strconv.AppendInt(b, int64(i.Placement.Size), 10)
+	}
+	return string(b)
+}
+
 // Capacity is how many more partitions of each profile fit on each GPU of a
 // node, given its live leases.
 func Capacity(n NodeView, live []*leasev1.Lease) []*nodev1.GpuCapacity {
@@ -128,7 +193,7 @@ func Capacity(n NodeView, live []*leasev1.Lease) []*nodev1.GpuCapacity {
 			}
 		}
 		if model, ok := modelOf(g); ok && g.GetMigEnabled() {
-			existing := instancesOn(g, allocations(live)[g.GetUuid()])
+			existing := instancesOn(g, Allocations(live)[g.GetUuid()])
 			for _, p := range model.Profiles {
 				c.Profiles = append(c.Profiles, &nodev1.ProfileCapacity{Name: p.Name, Id: int32(p.ID), Free: uint32(model.Remaining(existing, p.ID))})
 			}

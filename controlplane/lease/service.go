@@ -14,10 +14,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -26,6 +27,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
+	"github.com/gpuaas/gpuaas/pkg/authn"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
@@ -61,12 +63,12 @@ type Options struct {
 
 // Service implements the lease lifecycle.
 type Service struct {
-	st     store.Store
-	fleet  Fleet
-	log    *slog.Logger
-	now    func() time.Time
-	watch  *broadcaster
-	placeM sync.Mutex // serialises placement so two creates never take one partition
+	st    store.Store
+	fleet Fleet
+	log   *slog.Logger
+	now   func() time.Time
+	watch *broadcaster
+	held  heldCache
 }
 
 // New returns the service.
@@ -118,8 +120,10 @@ func getLease(tx store.Tx, id string) (*leasev1.Lease, error) {
 	return l, nil
 }
 
-// putLease stores l with a new revision.
-func putLease(tx store.Tx, l *leasev1.Lease, now time.Time) error {
+// putLease stores l with a new revision and keeps the allocation index in
+// step; prev is its phase before this change (PHASE_UNSPECIFIED for a new
+// lease).
+func putLease(tx store.Tx, l *leasev1.Lease, prev leasev1.Phase, now time.Time) error {
 	rev, err := store.NextU64(tx, keyRevision)
 	if err != nil {
 		return err
@@ -130,7 +134,10 @@ func putLease(tx store.Tx, l *leasev1.Lease, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	return tx.Put(store.BucketLeases, l.GetId(), raw)
+	if err := tx.Put(store.BucketLeases, l.GetId(), raw); err != nil {
+		return err
+	}
+	return reindex(tx, l, prev)
 }
 
 func scanLeases(tx store.Tx, fn func(*leasev1.Lease) error) error {
@@ -141,17 +148,6 @@ func scanLeases(tx store.Tx, fn func(*leasev1.Lease) error) error {
 		}
 		return fn(l)
 	})
-}
-
-func liveLeases(tx store.Tx) ([]*leasev1.Lease, error) {
-	var out []*leasev1.Lease
-	err := scanLeases(tx, func(l *leasev1.Lease) error {
-		if Live(l.GetPhase()) {
-			out = append(out, l)
-		}
-		return nil
-	})
-	return out, err
 }
 
 // setPhase records a transition, refusing what the state machine forbids.
@@ -212,8 +208,11 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 	hash := bodyHash(spec)
 	nodes := s.nodes()
 
-	s.placeM.Lock()
-	defer s.placeM.Unlock()
+	// No lock around placement: the store's transactions are serializable
+	// (bbolt runs a batch's functions one after another in one
+	// transaction; etcd's commit fails if the allocation index changed
+	// since it was read), so two creates never take one partition, and
+	// concurrent creates share one commit.
 	var out *leasev1.Lease
 	created := false
 	err := s.st.Update(ctx, func(tx store.Tx) error {
@@ -240,11 +239,11 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		if err := setPhase(l, leasev1.Phase_PHASE_PENDING, "accepted", now); err != nil {
 			return err
 		}
-		live, err := liveLeases(tx)
+		held, _, err := s.heldPartitions(tx)
 		if err != nil {
 			return err
 		}
-		placement, perr := Place(nodes, live, spec.GetGpu())
+		placement, perr := Place(nodes, held, spec.GetGpu())
 		switch {
 		case perr == nil:
 			l.Placement = placement
@@ -260,8 +259,17 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		default:
 			return perr
 		}
-		if err := putLease(tx, l, now); err != nil {
+		if err := putLease(tx, l, leasev1.Phase_PHASE_UNSPECIFIED, now); err != nil {
 			return err
+		}
+		if p := l.GetPlacement(); p != nil {
+			// The next create (in this batch or later) finds the index
+			// as this one leaves it without reading it again.
+			tok, err := indexToken(tx)
+			if err != nil {
+				return err
+			}
+			s.held.put(tok, withInstance(held, p.GetGpuUuid(), instanceOf(p)))
 		}
 		rec, _ := json.Marshal(idemRecord{LeaseID: l.GetId(), BodyHash: hash})
 		if err := tx.Put(store.BucketIdempotency, idemKey, rec); err != nil {
@@ -305,7 +313,9 @@ func (s *Service) Get(ctx context.Context, c Caller, id string) (*leasev1.Lease,
 	if c.Tenant != "" && out.GetSpec().GetTenant() != c.Tenant {
 		// Not PermissionDenied: another tenant's lease must not be
 		// distinguishable from a missing one.
-		return nil, errs.NotFound("LEASE_NOT_FOUND", "lease %s not found", id)
+		// The cause (never sent to the caller) lets the edge audit the
+		// attempt.
+		return nil, errs.Wrap(errs.ErrNotFound, "LEASE_NOT_FOUND", fmt.Sprintf("lease %s not found", id), authn.ErrOtherTenant)
 	}
 	return out, nil
 }
@@ -383,9 +393,10 @@ func (s *Service) mutate(ctx context.Context, c Caller, id, action string, fn fu
 			return err
 		}
 		if c.Tenant != "" && l.GetSpec().GetTenant() != c.Tenant {
-			return errs.NotFound("LEASE_NOT_FOUND", "lease %s not found", id)
+			return errs.Wrap(errs.ErrNotFound, "LEASE_NOT_FOUND", fmt.Sprintf("lease %s not found", id), authn.ErrOtherTenant)
 		}
 		now := s.now()
+		prev := l.GetPhase()
 		var details map[string]string
 		changed, details, err = fn(l, now)
 		if err != nil {
@@ -395,7 +406,7 @@ func (s *Service) mutate(ctx context.Context, c Caller, id, action string, fn fu
 		if !changed {
 			return nil
 		}
-		if err := putLease(tx, l, now); err != nil {
+		if err := putLease(tx, l, prev, now); err != nil {
 			return err
 		}
 		return s.audit(tx, c, l, action, auditlog.OutcomeSuccess, l.GetReason(), details)
@@ -462,12 +473,14 @@ func (s *Service) DesiredState(ctx context.Context, node string) (*agentv1.Desir
 			return err
 		}
 		ds.Generation = rev
-		return scanLeases(tx, func(l *leasev1.Lease) error {
-			if l.GetPlacement().GetNode() == node && ShouldRun(l.GetPhase()) {
+		live, err := liveOn(tx, node)
+		for _, l := range live {
+			if ShouldRun(l.GetPhase()) {
 				ds.Leases = append(ds.Leases, l)
 			}
-			return nil
-		})
+		}
+		sort.Slice(ds.Leases, func(i, j int) bool { return ds.Leases[i].GetId() < ds.Leases[j].GetId() })
+		return err
 	})
 	return ds, err
 }
@@ -477,7 +490,7 @@ func (s *Service) LiveLeases(ctx context.Context) ([]*leasev1.Lease, error) {
 	var out []*leasev1.Lease
 	err := s.st.View(ctx, func(tx store.Tx) error {
 		var err error
-		out, err = liveLeases(tx)
+		out, err = liveOn(tx, "")
 		return err
 	})
 	return out, err
@@ -508,6 +521,7 @@ func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *a
 				continue
 			}
 			now := s.now()
+			prev := l.GetPhase()
 			to := o.GetPhase()
 			statusChanged := !proto.Equal(l.GetStatus(), o.GetStatus()) && o.GetStatus() != nil
 			phaseChanged := to != l.GetPhase() && CanTransition(l.GetPhase(), to)
@@ -522,7 +536,7 @@ func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *a
 					return err
 				}
 			}
-			if err := putLease(tx, l, now); err != nil {
+			if err := putLease(tx, l, prev, now); err != nil {
 				return err
 			}
 			if phaseChanged {
@@ -555,12 +569,27 @@ func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *a
 // System is the audit actor of the control plane's own decisions.
 var System = Caller{ID: "gpuaas/controlplane"}
 
+// sweepChunk bounds the leases one sweep transaction changes, so that a
+// sweep over many leases fits etcd's --max-txn-ops (each change writes the
+// lease, its index row and its audit entry). Each lease changes atomically
+// with its audit entry; a sweep as a whole is a sequence of transactions.
+const sweepChunk = 24
+
 // Tick expires leases past not_after and places pending ones. Run it
 // periodically and when capacity may have appeared.
 func (s *Service) Tick(ctx context.Context) error {
 	nodes := s.nodes()
-	s.placeM.Lock()
-	defer s.placeM.Unlock()
+	for {
+		n, err := s.tickChunk(ctx, nodes)
+		if err != nil || n < sweepChunk {
+			return err
+		}
+	}
+}
+
+// tickChunk changes at most sweepChunk leases and returns how many it
+// changed.
+func (s *Service) tickChunk(ctx context.Context, nodes []NodeView) (int, error) {
 	var changed []*leasev1.Lease
 	err := s.st.Update(ctx, func(tx store.Tx) error {
 		changed = changed[:0]
@@ -574,13 +603,18 @@ func (s *Service) Tick(ctx context.Context) error {
 		}); err != nil {
 			return err
 		}
-		live, err := liveLeases(tx)
+		shared, _, err := s.heldPartitions(tx)
 		if err != nil {
 			return err
 		}
+		held := maps.Clone(shared) // placements below add to it
 		// Oldest first, so pending leases are placed in arrival order.
 		sort.Slice(todo, func(i, j int) bool { return todo[i].GetCreateTime().AsTime().Before(todo[j].GetCreateTime().AsTime()) })
 		for _, l := range todo {
+			if len(changed) == sweepChunk {
+				break
+			}
+			prev := l.GetPhase()
 			expired := !now.Before(l.GetNotAfter().AsTime())
 			var action string
 			switch {
@@ -595,12 +629,12 @@ func (s *Service) Tick(ctx context.Context) error {
 					return err
 				}
 			case l.GetPhase() == leasev1.Phase_PHASE_PENDING:
-				p, err := Place(nodes, live, l.GetSpec().GetGpu())
+				p, err := Place(nodes, held, l.GetSpec().GetGpu())
 				if err != nil {
 					continue
 				}
 				l.Placement = p
-				live = append(live, l)
+				held[p.GetGpuUuid()] = append(slices.Clip(held[p.GetGpuUuid()]), instanceOf(p))
 				action = "lease.schedule"
 				if err := setPhase(l, leasev1.Phase_PHASE_SCHEDULED, "placed on "+p.GetNode(), now); err != nil {
 					return err
@@ -608,7 +642,7 @@ func (s *Service) Tick(ctx context.Context) error {
 			default:
 				continue
 			}
-			if err := putLease(tx, l, now); err != nil {
+			if err := putLease(tx, l, prev, now); err != nil {
 				return err
 			}
 			if err := s.audit(tx, System, l, action, auditlog.OutcomeSuccess, l.GetReason(), map[string]string{"node": l.GetPlacement().GetNode()}); err != nil {
@@ -619,14 +653,69 @@ func (s *Service) Tick(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return 0, err
 	}
+	s.published(changed)
+	return len(changed), nil
+}
+
+func (s *Service) published(changed []*leasev1.Lease) {
 	for _, l := range changed {
 		s.log.Info("lease changed", "lease", l.GetId(), "phase", short(l.GetPhase()), "reason", l.GetReason())
 		s.watch.publish(l)
 		s.notify(l.GetPlacement().GetNode())
 	}
-	return nil
+}
+
+// NodeLost marks every lease on node that has not ended LOST, with reason
+// and a transition, audited as lease.lost by the control plane. Leases are
+// not rescheduled: their partitions stay reserved until the node reports
+// how they ended or the platform cancels them. It returns the leases it
+// changed.
+func (s *Service) NodeLost(ctx context.Context, node, reason string) ([]*leasev1.Lease, error) {
+	var all []*leasev1.Lease
+	for {
+		var changed []*leasev1.Lease
+		err := s.st.Update(ctx, func(tx store.Tx) error {
+			changed = changed[:0]
+			if err := ensureIndex(tx); err != nil {
+				return err
+			}
+			live, err := liveOn(tx, node)
+			if err != nil {
+				return err
+			}
+			now := s.now()
+			for _, l := range live {
+				if len(changed) == sweepChunk {
+					break
+				}
+				prev := l.GetPhase()
+				if !CanTransition(prev, leasev1.Phase_PHASE_LOST) {
+					continue
+				}
+				if err := setPhase(l, leasev1.Phase_PHASE_LOST, reason, now); err != nil {
+					return err
+				}
+				if err := putLease(tx, l, prev, now); err != nil {
+					return err
+				}
+				if err := s.audit(tx, System, l, "lease.lost", auditlog.OutcomeFailure, reason, map[string]string{"node": node, "previous_phase": short(prev)}); err != nil {
+					return err
+				}
+				changed = append(changed, l)
+			}
+			return nil
+		})
+		if err != nil {
+			return all, err
+		}
+		s.published(changed)
+		all = append(all, changed...)
+		if len(changed) < sweepChunk {
+			return all, nil
+		}
+	}
 }
 
 // Run calls Tick every interval until ctx ends.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/controlplane/store/storetest"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
@@ -58,18 +59,15 @@ func newClock() *clock               { return &clock{t: time.Date(2026, 1, 2, 3,
 
 type fixture struct {
 	svc   *Service
-	st    *store.Bolt
+	st    store.Store
 	fleet *fakeFleet
 	clk   *clock
 }
 
 func newFixture(t testing.TB, nodes ...NodeView) *fixture {
 	t.Helper()
-	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "state.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	// The backend is the test's (storetest.Each): bbolt, or etcd.
+	st := storetest.OpenFor(t)
 	f := &fakeFleet{nodes: nodes}
 	clk := newClock()
 	return &fixture{svc: New(Options{Store: st, Fleet: f, Now: clk.Now}), st: st, fleet: f, clk: clk}
@@ -90,13 +88,17 @@ func (f *fixture) counts(t testing.TB) (leases, entries int) {
 	t.Helper()
 	f.st.View(context.Background(), func(tx store.Tx) error {
 		tx.Scan(store.BucketLeases, "", false, func(string, []byte) error { leases++; return nil })
-		tx.Scan(store.BucketAudit, "", false, func(string, []byte) error { entries++; return nil })
+		// Entries are the %020d keys; the audit package keeps its tree
+		// nodes in the same bucket.
+		tx.Scan(store.BucketAudit, "0", false, func(string, []byte) error { entries++; return nil })
 		return nil
 	})
 	return
 }
 
-func TestCreatePlacesAndAudits(t *testing.T) {
+func TestCreatePlacesAndAudits(t *testing.T) { storetest.Each(t, testCreatePlacesAndAudits) }
+
+func testCreatePlacesAndAudits(t *testing.T) {
 	f := newFixture(t, h200("node-a", 2))
 	l, err := f.svc.Create(context.Background(), operator, req("k1", "3g.71gb"))
 	if err != nil {
@@ -133,6 +135,10 @@ func TestCreatePlacesAndAudits(t *testing.T) {
 }
 
 func TestCreateRejectsBadInputAndChangesNothing(t *testing.T) {
+	storetest.Each(t, testCreateRejectsBadInputAndChangesNothing)
+}
+
+func testCreateRejectsBadInputAndChangesNothing(t *testing.T) {
 	cases := []struct {
 		name  string
 		mut   func(*leasev1.CreateLeaseRequest)
@@ -192,6 +198,10 @@ func TestCreateRejectsBadInputAndChangesNothing(t *testing.T) {
 }
 
 func TestEgressAllowAcceptsBroadPrefixes(t *testing.T) {
+	storetest.Each(t, testEgressAllowAcceptsBroadPrefixes)
+}
+
+func testEgressAllowAcceptsBroadPrefixes(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	r := req("k", "1g.18gb")
 	r.Spec.Workload.EgressAllow = []string{"0.0.0.0/0", "203.0.113.0/24", "2001:db8::/32"}
@@ -201,6 +211,10 @@ func TestEgressAllowAcceptsBroadPrefixes(t *testing.T) {
 }
 
 func TestUnhealthyGPUGetsNoNewLeases(t *testing.T) {
+	storetest.Each(t, testUnhealthyGPUGetsNoNewLeases)
+}
+
+func testUnhealthyGPUGetsNoNewLeases(t *testing.T) {
 	n := h200("node-a", 2)
 	n.GPUs[0].Unhealthy, n.GPUs[0].HealthReason = true, "xid 79: GPU has fallen off the bus"
 	f := newFixture(t, n)
@@ -219,7 +233,9 @@ func TestUnhealthyGPUGetsNoNewLeases(t *testing.T) {
 	}
 }
 
-func TestIdempotencyKey(t *testing.T) {
+func TestIdempotencyKey(t *testing.T) { storetest.Each(t, testIdempotencyKey) }
+
+func testIdempotencyKey(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	a, err := f.svc.Create(ctx, operator, req("same", "1g.18gb"))
@@ -246,6 +262,10 @@ func TestIdempotencyKey(t *testing.T) {
 }
 
 func TestNoCapacityStaysPendingUntilANodeConnects(t *testing.T) {
+	storetest.Each(t, testNoCapacityStaysPendingUntilANodeConnects)
+}
+
+func testNoCapacityStaysPendingUntilANodeConnects(t *testing.T) {
 	f := newFixture(t)
 	ctx := context.Background()
 	l, err := f.svc.Create(ctx, operator, req("k", "7g.141gb"))
@@ -268,6 +288,10 @@ func TestNoCapacityStaysPendingUntilANodeConnects(t *testing.T) {
 }
 
 func TestConcurrentCreatesNeverShareAPartition(t *testing.T) {
+	storetest.Each(t, testConcurrentCreatesNeverShareAPartition)
+}
+
+func testConcurrentCreatesNeverShareAPartition(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	var wg sync.WaitGroup
@@ -305,7 +329,9 @@ func TestConcurrentCreatesNeverShareAPartition(t *testing.T) {
 	}
 }
 
-func TestCancelAndDesiredState(t *testing.T) {
+func TestCancelAndDesiredState(t *testing.T) { storetest.Each(t, testCancelAndDesiredState) }
+
+func testCancelAndDesiredState(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	l, _ := f.svc.Create(ctx, operator, req("k", "1g.18gb"))
@@ -344,7 +370,9 @@ func TestCancelAndDesiredState(t *testing.T) {
 	}
 }
 
-func TestExpiryAndExtend(t *testing.T) {
+func TestExpiryAndExtend(t *testing.T) { storetest.Each(t, testExpiryAndExtend) }
+
+func testExpiryAndExtend(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	l, _ := f.svc.Create(ctx, operator, req("k", "1g.18gb"))
@@ -368,6 +396,10 @@ func TestExpiryAndExtend(t *testing.T) {
 }
 
 func TestObserveRefusesAnotherNodesLease(t *testing.T) {
+	storetest.Each(t, testObserveRefusesAnotherNodesLease)
+}
+
+func testObserveRefusesAnotherNodesLease(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	l, _ := f.svc.Create(ctx, operator, req("k", "1g.18gb"))
@@ -407,7 +439,9 @@ func TestStateMachine(t *testing.T) {
 	}
 }
 
-func TestTenantScoping(t *testing.T) {
+func TestTenantScoping(t *testing.T) { storetest.Each(t, testTenantScoping) }
+
+func testTenantScoping(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	l, _ := f.svc.Create(ctx, operator, req("k", "1g.18gb"))
@@ -427,7 +461,9 @@ func TestTenantScoping(t *testing.T) {
 	}
 }
 
-func TestListPaginates(t *testing.T) {
+func TestListPaginates(t *testing.T) { storetest.Each(t, testListPaginates) }
+
+func testListPaginates(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx := context.Background()
 	for i := 0; i < 5; i++ {
@@ -457,7 +493,9 @@ func TestListPaginates(t *testing.T) {
 	}
 }
 
-func TestWatchStreamsChanges(t *testing.T) {
+func TestWatchStreamsChanges(t *testing.T) { storetest.Each(t, testWatchStreamsChanges) }
+
+func testWatchStreamsChanges(t *testing.T) {
 	f := newFixture(t, h200("node-a", 1))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -1,19 +1,34 @@
 package store
 
-// bbolt schema (version 1). One file, one writer process.
+// bbolt schema (version 2). One file, one writer process.
 //
 //   meta
-//     schema_version   uint64 big-endian; 1
-//     revision         uint64 big-endian; bumped by every lease change
-//     audit_head       32-byte hash of the last audit entry
-//     audit_seq        uint64 big-endian; sequence of the last audit entry
-//   leases             lease id -> gpuaas.lease.v1.Lease, protobuf
-//   idempotency        caller + "\x00" + key -> {lease id, request hash}, JSON
-//   audit              %020d sequence -> auditlog.Entry, canonical JSON; append-only
-//   nodes              node id -> gpuaas.node.v1.Node, protobuf
+//     schema_version     uint64 big-endian; 2
+//     revision           uint64 big-endian; bumped by every lease change
+//     audit_head         32-byte hash of the last audit entry
+//     audit_seq          uint64 big-endian; sequence of the last audit entry
+//     alloc_index        uint64 big-endian; 1 once the allocations bucket
+//                        holds every live lease (the lease service builds it)
+//   leases               lease id -> gpuaas.lease.v1.Lease, protobuf
+//   idempotency          caller + "\x00" + key -> {lease id, request hash}, JSON
+//   audit                %020d sequence -> auditlog.Entry, canonical JSON; append-only
+//   nodes                node id -> gpuaas.node.v1.Node, protobuf
+//   audit_checkpoints    %020d tree size -> signed checkpoint (C2SP note text)
+//   audit_forward        forwarder delivery state (owned by controlplane/audit)
+//   allocations          gpu uuid + "/" + lease id -> the partition a live
+//                        lease holds: version byte 1, profile id, start, size
+//                        (4 bytes big-endian each), node id; one row per live
+//                        lease (controlplane/lease, index.go)
+//   node_state           node id -> {state, since, reason, cordoned, ...}, JSON
+//
+// History: version 1 had meta, leases, idempotency, audit and nodes.
+// Version 2 adds audit_checkpoints, audit_forward, allocations and
+// node_state, all empty; the lease service fills allocations on first use.
 //
 // Upgrades run in Open, in one transaction, from the stored version to
-// SchemaVersion; a file from a newer binary is refused.
+// SchemaVersion. An existing file is first checked read-only: a file from a
+// newer binary, or one bbolt cannot read, is refused before anything is
+// written.
 
 import (
 	"bytes"
@@ -29,8 +44,8 @@ import (
 	berrors "go.etcd.io/bbolt/errors"
 )
 
-// SchemaVersion is the bbolt schema this binary writes.
-const SchemaVersion = 1
+// SchemaVersion is the schema this binary writes.
+const SchemaVersion = 2
 
 const keySchemaVersion = "schema_version"
 
@@ -39,6 +54,10 @@ type BoltOptions struct {
 	// OpenTimeout bounds the wait for the file lock (default 1s), so two
 	// daemons can never share a data file.
 	OpenTimeout time.Duration
+	// MaxBatchDelay is how long a group commit waits for more writers
+	// before it runs (default 2ms; bbolt's own default, 10ms, is the
+	// latency floor of every lone write).
+	MaxBatchDelay time.Duration
 }
 
 // Bolt is the embedded bbolt backend.
@@ -48,7 +67,8 @@ type Bolt struct {
 
 var _ Store = (*Bolt)(nil)
 
-// OpenBolt opens (creating if needed) the store at path.
+// OpenBolt opens (creating if needed) the store at path, upgrading its
+// schema.
 func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 	if opts.OpenTimeout == 0 {
 		opts.OpenTimeout = time.Second
@@ -56,42 +76,140 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.OpenTimeout, NoFreelistSync: false})
-	if err != nil {
-		if errors.Is(err, berrors.ErrTimeout) {
-			return nil, fmt.Errorf("open store %s: %w", path, ErrLocked)
+	if fi, err := os.Stat(path); err == nil && fi.Size() > 0 {
+		if err := checkFile(path, opts.OpenTimeout); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", path, err)
 		}
-		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range Buckets {
-			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
-				return err
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.OpenTimeout})
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, classifyOpenError(err))
+	}
+	err = boltSafe(func() error {
+		return db.Update(func(tx *bolt.Tx) error {
+			from := uint64(0)
+			if meta := tx.Bucket([]byte(BucketMeta)); meta != nil {
+				var err error
+				if from, err = storedVersion(meta); err != nil {
+					return err
+				}
 			}
-		}
-		return migrate(tx.Bucket([]byte(BucketMeta)))
+			return migrate(tx, from)
+		})
 	})
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
+	db.MaxBatchDelay = opts.MaxBatchDelay
+	if db.MaxBatchDelay <= 0 {
+		db.MaxBatchDelay = 2 * time.Millisecond
+	}
 	return &Bolt{db: db}, nil
 }
 
-// migrate brings meta to SchemaVersion. Version 0 is a new file.
-func migrate(meta *bolt.Bucket) error {
-	var v uint64
-	if raw := meta.Get([]byte(keySchemaVersion)); raw != nil {
-		if len(raw) != 8 {
-			return fmt.Errorf("%w: schema_version is %d bytes", ErrSchema, len(raw))
+func classifyOpenError(err error) error {
+	switch {
+	case errors.Is(err, berrors.ErrTimeout):
+		return ErrLocked
+	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrChecksum),
+		errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrInvalidMapping):
+		return fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return err
+}
+
+// checkFile opens an existing file read-only (shared lock, no writes) and
+// checks that bbolt can read it and that its schema is one this binary can
+// upgrade.
+func checkFile(path string, timeout time.Duration) error {
+	return boltSafe(func() error {
+		db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout, ReadOnly: true})
+		if err != nil {
+			return classifyOpenError(err)
 		}
-		v = binary.BigEndian.Uint64(raw)
+		defer db.Close()
+		return db.View(func(tx *bolt.Tx) error {
+			// A truncated file: its meta page names pages past the end,
+			// and touching them through the mmap is a SIGBUS, not a panic.
+			fi, err := os.Stat(path)
+			if err != nil {
+				return err
+			}
+			if tx.Size() > fi.Size() {
+				return fmt.Errorf("%w: the file is %d bytes but its meta page says %d (truncated)", ErrCorrupt, fi.Size(), tx.Size())
+			}
+			meta := tx.Bucket([]byte(BucketMeta))
+			if meta == nil {
+				return nil // version 0: only buckets will be created
+			}
+			_, err = storedVersion(meta)
+			return err
+		})
+	})
+}
+
+// boltSafe turns a panic inside bbolt (a damaged page) into ErrCorrupt
+// instead of crashing the daemon at start.
+func boltSafe(fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %v", ErrCorrupt, r)
+		}
+	}()
+	return fn()
+}
+
+// schemaVersion decodes a stored schema_version, refusing one this binary
+// does not know.
+func schemaVersion(raw []byte) (uint64, error) {
+	if len(raw) != 8 {
+		return 0, fmt.Errorf("%w: schema_version is %d bytes, want 8", ErrSchema, len(raw))
 	}
+	v := binary.BigEndian.Uint64(raw)
 	if v > SchemaVersion {
-		return fmt.Errorf("%w: file has schema %d, this binary supports up to %d", ErrSchema, v, SchemaVersion)
+		return 0, fmt.Errorf("%w: the store has schema %d, this binary supports up to %d (refusing to downgrade)", ErrSchema, v, SchemaVersion)
 	}
-	// Future upgrades go here, one step per version: if v == 1 { ...; v = 2 }.
-	return meta.Put([]byte(keySchemaVersion), U64(SchemaVersion))
+	return v, nil
+}
+
+// storedVersion is the file's schema; 0 for a pre-versioned file.
+func storedVersion(meta *bolt.Bucket) (uint64, error) {
+	raw := meta.Get([]byte(keySchemaVersion))
+	if raw == nil {
+		return 0, nil
+	}
+	return schemaVersion(raw)
+}
+
+// migrate brings a file at version v to SchemaVersion, one step per
+// version, inside the caller's transaction.
+func migrate(tx *bolt.Tx, v uint64) error {
+	// 0 -> 1: a new or pre-versioned file gets the version 1 buckets.
+	if v == 0 {
+		for _, b := range []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes} {
+			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
+				return err
+			}
+		}
+		v = 1
+	}
+	// 1 -> 2: audit checkpoints and forwarding state, the allocation index
+	// and node state, all empty.
+	if v == 1 {
+		for _, b := range []string{BucketAuditCheckpoints, BucketAuditForward, BucketAllocations, BucketNodeState} {
+			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
+				return err
+			}
+		}
+		v = 2
+	}
+	for _, b := range Buckets {
+		if tx.Bucket([]byte(b)) == nil {
+			return fmt.Errorf("%w: bucket %s missing at schema %d", ErrCorrupt, b, v)
+		}
+	}
+	return tx.Bucket([]byte(BucketMeta)).Put([]byte(keySchemaVersion), U64(SchemaVersion))
 }
 
 // View implements Store.
@@ -141,13 +259,19 @@ func (t boltTx) Put(bucket, key string, value []byte) error {
 	if err != nil {
 		return err
 	}
-	return bk.Put([]byte(key), value)
+	if !t.tx.Writable() {
+		return ErrReadOnly
+	}
+	return bk.Put([]byte(key), bytes.Clone(value))
 }
 
 func (t boltTx) Delete(bucket, key string) error {
 	bk, err := t.bucket(bucket)
 	if err != nil {
 		return err
+	}
+	if !t.tx.Writable() {
+		return ErrReadOnly
 	}
 	return bk.Delete([]byte(key))
 }

@@ -24,10 +24,27 @@ const (
 	// BucketAuditForward: forwarder delivery state (last delivered size,
 	// checkpoint, batch ids).
 	BucketAuditForward = "audit_forward"
+	// BucketAllocations indexes the partitions live leases hold, so that
+	// placement reads only them: gpu uuid + "/" + lease id -> allocation
+	// (binary, see bbolt.go). Written only by the lease service, in the transaction that
+	// changes the lease.
+	BucketAllocations = "allocations"
+	// BucketNodeState: node id -> the control plane's verdict on a node
+	// (liveness, cordon), JSON. Written only by the fleet.
+	BucketNodeState = "node_state"
 )
 
 // Buckets is every bucket, created when a store is opened.
-var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes, BucketAuditCheckpoints, BucketAuditForward}
+var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes, BucketAuditCheckpoints, BucketAuditForward, BucketAllocations, BucketNodeState}
+
+func knownBucket(name string) bool {
+	for _, b := range Buckets {
+		if b == name {
+			return true
+		}
+	}
+	return false
+}
 
 // Errors.
 var (
@@ -42,6 +59,17 @@ var (
 	// ErrStopScan may be returned by a Scan callback to stop early without
 	// an error.
 	ErrStopScan = errors.New("store: stop scan")
+	// ErrCorrupt: the state file is not a readable store.
+	ErrCorrupt = errors.New("store: corrupt or not a gpuaas state file")
+	// ErrConflict: an optimistic transaction kept conflicting with
+	// concurrent writers (etcd) and ran out of attempts.
+	ErrConflict = errors.New("store: transaction conflicted with concurrent writers")
+	// ErrTooLarge: a transaction has more operations than the backend
+	// accepts in one atomic commit (etcd's --max-txn-ops). Callers keep
+	// transactions small: one lease and its audit entry, chunks of a sweep.
+	ErrTooLarge = errors.New("store: transaction too large")
+	// ErrReadOnly: a write inside View.
+	ErrReadOnly = errors.New("store: write in a read-only transaction")
 )
 
 // Store runs transactions. Implementations are safe for concurrent use.
@@ -49,14 +77,17 @@ type Store interface {
 	// View runs fn in a read-only transaction.
 	View(ctx context.Context, fn func(Tx) error) error
 	// Update runs fn in a read-write transaction and commits durably if fn
-	// returns nil. fn may be called more than once (group commit retries), so
-	// it must not have side effects outside the transaction.
+	// returns nil. fn may be called more than once (group commit retries,
+	// optimistic conflicts on etcd), so it must not have side effects
+	// outside the transaction. Transactions are serializable: an Update
+	// that commits saw no write committed after its reads.
 	Update(ctx context.Context, fn func(Tx) error) error
 	Close() error
 }
 
 // Tx is one transaction. Values returned are copies, valid after the
-// transaction ends.
+// transaction ends; values given to Put are copied. Reads see the
+// transaction's own writes. Keys are non-empty.
 type Tx interface {
 	Get(bucket, key string) ([]byte, error)
 	Put(bucket, key string, value []byte) error

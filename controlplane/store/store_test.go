@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"sync"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
@@ -20,106 +19,6 @@ func openTemp(t *testing.T) (*Bolt, string) {
 	}
 	t.Cleanup(func() { s.Close() })
 	return s, path
-}
-
-// runConformance is the behaviour every backend must have.
-func runConformance(t *testing.T, s Store) {
-	ctx := context.Background()
-	t.Run("get missing", func(t *testing.T) {
-		err := s.View(ctx, func(tx Tx) error { _, err := tx.Get(BucketLeases, "nope"); return err })
-		if !errors.Is(err, ErrNotFound) {
-			t.Fatalf("err = %v", err)
-		}
-	})
-	t.Run("unknown bucket", func(t *testing.T) {
-		err := s.Update(ctx, func(tx Tx) error { return tx.Put("bogus", "k", nil) })
-		if !errors.Is(err, ErrUnknownBucket) {
-			t.Fatalf("err = %v", err)
-		}
-	})
-	t.Run("failed update changes nothing", func(t *testing.T) {
-		boom := errors.New("boom")
-		err := s.Update(ctx, func(tx Tx) error {
-			if err := tx.Put(BucketLeases, "half", []byte("x")); err != nil {
-				return err
-			}
-			return boom
-		})
-		if !errors.Is(err, boom) {
-			t.Fatalf("err = %v", err)
-		}
-		err = s.View(ctx, func(tx Tx) error { _, err := tx.Get(BucketLeases, "half"); return err })
-		if !errors.Is(err, ErrNotFound) {
-			t.Fatalf("half-written state visible: %v", err)
-		}
-	})
-	t.Run("scan prefix both ways", func(t *testing.T) {
-		err := s.Update(ctx, func(tx Tx) error {
-			for _, k := range []string{"a/1", "a/2", "a/3", "b/1", "a0"} {
-				if err := tx.Put(BucketNodes, k, []byte(k)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, rev := range []bool{false, true} {
-			var got []string
-			err := s.View(ctx, func(tx Tx) error {
-				return tx.Scan(BucketNodes, "a/", rev, func(k string, v []byte) error {
-					if k != string(v) {
-						return fmt.Errorf("value %q for key %q", v, k)
-					}
-					got = append(got, k)
-					return nil
-				})
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := "[a/1 a/2 a/3]"
-			if rev {
-				want = "[a/3 a/2 a/1]"
-			}
-			if fmt.Sprint(got) != want {
-				t.Fatalf("reverse=%v: %v, want %v", rev, got, want)
-			}
-		}
-	})
-	t.Run("stop scan", func(t *testing.T) {
-		n := 0
-		err := s.View(ctx, func(tx Tx) error {
-			return tx.Scan(BucketNodes, "", false, func(string, []byte) error { n++; return ErrStopScan })
-		})
-		if err != nil || n != 1 {
-			t.Fatalf("err=%v n=%d", err, n)
-		}
-	})
-	t.Run("concurrent counters do not lose increments", func(t *testing.T) {
-		var wg sync.WaitGroup
-		for i := 0; i < 50; i++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := s.Update(ctx, func(tx Tx) error { _, err := NextU64(tx, "ctr"); return err }); err != nil {
-					t.Error(err)
-				}
-			}()
-		}
-		wg.Wait()
-		var v uint64
-		s.View(ctx, func(tx Tx) error { var err error; v, err = GetU64(tx, "ctr"); return err })
-		if v != 50 {
-			t.Fatalf("counter = %d, want 50", v)
-		}
-	})
-}
-
-func TestBoltConformance(t *testing.T) {
-	s, _ := openTemp(t)
-	runConformance(t, s)
 }
 
 func TestBoltSurvivesReopen(t *testing.T) {

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/descriptorpb"
 
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	auditv1 "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
@@ -23,6 +24,14 @@ var protoFiles = []protoreflect.FileDescriptor{
 	agentv1.File_gpuaas_agent_v1_agent_proto,
 	leasev1.File_gpuaas_lease_v1_lease_proto,
 	nodev1.File_gpuaas_node_v1_node_proto,
+	auditv1.File_gpuaas_audit_v1_audit_proto,
+	auditv1.File_gpuaas_audit_v1_options_proto,
+}
+
+// externalServices are declared in proto/ but served by someone other than
+// the control plane, whose server authorizes its peers itself.
+var externalServices = map[string]string{
+	"gpuaas.audit.v1.AuditSinkService": "served by the upstream audit sink (controlplane/audit/sink, gpuaasctl audit sink), which admits only allowlisted control plane IDs",
 }
 
 const (
@@ -40,6 +49,9 @@ func servedMethods(fds []protoreflect.FileDescriptor) map[string]bool {
 		svcs := fd.Services()
 		for i := 0; i < svcs.Len(); i++ {
 			sd := svcs.Get(i)
+			if _, ok := externalServices[string(sd.FullName())]; ok {
+				continue
+			}
 			ms := sd.Methods()
 			for j := 0; j < ms.Len(); j++ {
 				out["/"+string(sd.FullName())+"/"+string(ms.Get(j).Name())] = true

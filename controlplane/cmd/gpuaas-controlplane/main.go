@@ -13,20 +13,23 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/keepalive"
 
 	"github.com/gpuaas/gpuaas/controlplane/api"
 	"github.com/gpuaas/gpuaas/controlplane/fleet"
 	"github.com/gpuaas/gpuaas/controlplane/lease"
+	"github.com/gpuaas/gpuaas/controlplane/metrics"
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
+	"github.com/gpuaas/gpuaas/pkg/sdnotify"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -49,6 +52,16 @@ type Config struct {
 	Log       config.Log `yaml:"log"`
 	// TickInterval is how often expiry and pending placement run.
 	TickInterval config.Duration `yaml:"tick_interval"`
+	// MetricsListen, if set, serves Prometheus metrics on http://ADDR/metrics.
+	MetricsListen string      `yaml:"metrics_listen"`
+	Audit         AuditConfig `yaml:"audit"`
+	// OIDC, if set, admits platform callers with bearer tokens.
+	OIDC *OIDCConfig `yaml:"oidc"`
+	Edge EdgeConfig  `yaml:"edge"`
+	// Store is the state store: bbolt in data_dir (the default) or etcd.
+	Store store.Config `yaml:"store"`
+	// Liveness sets the agents' heartbeat TTLs.
+	Liveness LivenessConfig `yaml:"liveness"`
 
 	td        spiffeid.TrustDomain
 	operators []spiffeid.ID
@@ -87,12 +100,106 @@ func (c *Config) Validate() error {
 	if c.TickInterval.D() < 10*time.Millisecond || c.TickInterval.D() > time.Minute {
 		return config.FieldError("tick_interval", "must be between 10ms and 1m")
 	}
+	if c.MetricsListen != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			return config.FieldError("metrics_listen", "must be host:port: %v", err)
+		}
+	}
+	if err := c.Edge.validate(); err != nil {
+		return err
+	}
+	if c.Store.Backend == "" || c.Store.Backend == store.BackendBolt {
+		if c.Store.Path == "" {
+			c.Store.Path = filepath.Join(c.DataDir, "state.db")
+		}
+	}
+	if err := c.Store.Validate(); err != nil {
+		return err
+	}
+	if err := c.Liveness.validate(); err != nil {
+		return err
+	}
+	if _, err := c.OIDC.verifier(); err != nil {
+		return err
+	}
+	return c.Audit.validate(td)
+}
+
+// AuditConfig is the audit log's signing and forwarding.
+type AuditConfig struct {
+	// Origin names the log in its checkpoints; default TRUST_DOMAIN/audit.
+	Origin string `yaml:"origin"`
+	// SigningKey is the checkpoint signing key file (`gpuaasctl audit
+	// keygen`), one note signing key a line; several sign together during
+	// a rotation. Without it no checkpoint is signed (a warning at start).
+	SigningKey string `yaml:"signing_key"`
+	// CheckpointEvery and CheckpointInterval: a checkpoint is signed every
+	// so many entries or so often, whichever comes first (1000, 10s).
+	CheckpointEvery    uint64          `yaml:"checkpoint_every"`
+	CheckpointInterval config.Duration `yaml:"checkpoint_interval"`
+	// Forward, if set, delivers signed batches to an upstream sink.
+	Forward *AuditForwardConfig `yaml:"forward"`
+}
+
+// AuditForwardConfig is the upstream audit sink.
+type AuditForwardConfig struct {
+	// Address is the sink's gRPC address (host:port).
+	Address string `yaml:"address"`
+	// SinkID is the sink's SPIFFE ID; the connection is refused to any
+	// other peer.
+	SinkID string `yaml:"sink_id"`
+	// MaxBatch is the preferred most entries a batch (default
+	// checkpoint_every).
+	MaxBatch int `yaml:"max_batch"`
+
+	sinkID spiffeid.ID
+}
+
+func (a *AuditConfig) validate(td spiffeid.TrustDomain) error {
+	if a.Origin == "" {
+		a.Origin = td.Name() + "/audit"
+	}
+	if strings.ContainsAny(a.Origin, "\n+ ") {
+		return config.FieldError("audit.origin", "must be one line without spaces or '+'")
+	}
+	if a.CheckpointEvery == 0 {
+		a.CheckpointEvery = 1000
+	}
+	if a.CheckpointInterval == 0 {
+		a.CheckpointInterval = config.Duration(10 * time.Second)
+	}
+	if a.CheckpointInterval.D() < 100*time.Millisecond || a.CheckpointInterval.D() > time.Hour {
+		return config.FieldError("audit.checkpoint_interval", "must be between 100ms and 1h")
+	}
+	if a.SigningKey != "" && !filepath.IsAbs(a.SigningKey) {
+		return config.FieldError("audit.signing_key", "must be an absolute path")
+	}
+	if f := a.Forward; f != nil {
+		if a.SigningKey == "" {
+			return config.FieldError("audit.forward", "needs audit.signing_key: only signed batches are forwarded")
+		}
+		if _, _, err := net.SplitHostPort(f.Address); err != nil {
+			return config.FieldError("audit.forward.address", "must be host:port: %v", err)
+		}
+		id, err := spiffeid.FromString(f.SinkID)
+		if err != nil {
+			return config.FieldError("audit.forward.sink_id", "must be a SPIFFE ID: %v", err)
+		}
+		f.sinkID = id
+		if f.MaxBatch == 0 {
+			f.MaxBatch = int(a.CheckpointEvery)
+		}
+		if f.MaxBatch < 0 || uint64(f.MaxBatch) < a.CheckpointEvery {
+			return config.FieldError("audit.forward.max_batch", "must be at least audit.checkpoint_every (%d)", a.CheckpointEvery)
+		}
+	}
 	return nil
 }
 
 func main() {
 	cfgPath := flag.String("config", "/etc/gpuaas/controlplane.yaml", "configuration file")
 	showVersion := flag.Bool("version", false, "print the version and exit")
+	checkConfig := flag.Bool("check-config", false, "validate the configuration file and exit (0: valid)")
 	flag.Parse()
 	if *showVersion {
 		fmt.Println("gpuaas-controlplane", version)
@@ -102,6 +209,10 @@ func main() {
 	if err := config.Load(*cfgPath, &cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaas-controlplane:", err)
 		os.Exit(2)
+	}
+	if *checkConfig {
+		fmt.Println("gpuaas-controlplane: configuration", *cfgPath, "is valid")
+		return
 	}
 	log := sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -113,11 +224,20 @@ func main() {
 }
 
 func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
-	st, err := store.OpenBolt(filepath.Join(cfg.DataDir, "state.db"), store.BoltOptions{})
+	reg := newRegistry()
+	raw, err := store.Open(ctx, cfg.Store)
 	if err != nil {
 		return err
 	}
-	defer st.Close()
+	defer raw.Close()
+	st, err := metrics.InstrumentStore(raw, reg)
+	if err != nil {
+		return err
+	}
+	rpcMetrics, err := metrics.NewRPC(reg)
+	if err != nil {
+		return err
+	}
 	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{
 		CertPath: cfg.SVID.Cert, KeyPath: cfg.SVID.Key, BundlePath: cfg.SVID.Bundle, TrustDomain: cfg.td, Logger: log,
 	})
@@ -127,29 +247,98 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	defer src.Close()
 
 	leases := lease.New(lease.Options{Store: st, Logger: log})
-	reg := fleet.New(st, log)
-	leases.SetFleet(reg)
-	authz := api.Authorizer{TrustDomain: cfg.td, Operators: cfg.operators}
-	srv := grpc.NewServer(
-		grpc.Creds(identity.ServerCredentials(src, identity.AuthorizeKinds(cfg.td, identity.PeerAgent, identity.PeerOperator))),
-		grpc.ChainUnaryInterceptor(authz.Unary(log)),
-		grpc.ChainStreamInterceptor(authz.Stream(log)),
-		grpc.MaxRecvMsgSize(4<<20),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
-	)
-	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log})
-	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases})
-	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: reg, Leases: leases})
+	fl := fleet.NewRegistry(st, fleet.Options{Logger: log, Leases: leases, Liveness: cfg.Liveness.fleet()})
+	leases.SetFleet(fl)
+	reg.MustRegister(metrics.NewStateCollector(st, func() int { return len(fl.ConnectedNodes()) }))
+
+	verifier, err := cfg.OIDC.verifier()
+	if err != nil {
+		return err
+	}
+	var tokens api.TokenVerifier
+	if verifier != nil {
+		tokens = verifier
+	}
+	denials := api.NewDenialAuditor(st, api.DenialOptions{
+		PerIdentity: cfg.Edge.DenialsPerIdentityPerMinute, MaxPerWindow: cfg.Edge.DenialsPerMinute, Window: time.Minute, Log: log,
+	})
+	denialsCtx, stopDenials := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopDenials()
+	go denials.Run(denialsCtx)
+	authz := api.Authorizer{
+		TrustDomain: cfg.td, Operators: cfg.operators, Tokens: tokens, Denials: denials,
+		Limiter:      api.NewRateLimiter(api.RateLimitOptions{PerSecond: cfg.Edge.RatePerSecond, Burst: cfg.Edge.RateBurst, MaxIdentities: cfg.Edge.MaxIdentities}),
+		UnaryTimeout: cfg.Edge.UnaryTimeout.D(),
+	}
+	opts := []grpc.ServerOption{
+		grpc.Creds(api.ServerCredentials(src, identity.AuthorizeKinds(cfg.td, identity.PeerAgent, identity.PeerOperator),
+			api.TLSOptions{TrustDomain: cfg.td, ClientCertOptional: verifier != nil, Denials: denials})),
+		// Outermost, so refused calls are counted too.
+		grpc.ChainUnaryInterceptor(rpcMetrics.Unary),
+		grpc.ChainStreamInterceptor(rpcMetrics.Stream),
+	}
+	opts = append(opts, authz.ServerOptions(log)...)
+	opts = append(opts, api.Limits{MaxRecvMsgSize: cfg.Edge.MaxRecvBytes, MaxConcurrentStreams: cfg.Edge.MaxConcurrentStreams}.ServerOptions()...)
+	srv := grpc.NewServer(opts...)
+	logs := &api.LogRelay{}
+	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: fl, Leases: leases, Store: st, Log: log, Logs: logs})
+	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
+	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: fl, Leases: leases})
+
+	stopAudit, err := startAudit(ctx, cfg, st, src, reg, log)
+	if err != nil {
+		return err
+	}
+	defer stopAudit()
+
+	var serving atomic.Bool
+	storeAlive := func(ctx context.Context) error {
+		return st.View(ctx, func(tx store.Tx) error { _, err := store.GetU64(tx, "revision"); return err })
+	}
+	if cfg.MetricsListen != "" {
+		addr, err := serveHTTP(ctx, cfg.MetricsListen, reg, func(ctx context.Context) error {
+			if !serving.Load() {
+				return errors.New("not serving yet")
+			}
+			return storeAlive(ctx)
+		}, log)
+		if err != nil {
+			return err
+		}
+		log.Info("metrics serving", "addr", addr.String())
+	}
 
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
 	go leases.Run(ctx, cfg.TickInterval.D())
+	go fl.RunLiveness(ctx, time.Second)
+	// The watchdog is fed by a loop that proves the store still answers:
+	// a wedged store (or process) stops the pings and systemd restarts us.
+	var live sdnotify.Liveness
+	go func() {
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if storeAlive(vctx) == nil {
+				live.Beat()
+			}
+			cancel()
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	go sdnotify.Watchdog(ctx, &live, 20*time.Second, log)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()
-	log.Info("control plane serving", "addr", lis.Addr().String(), "trust_domain", cfg.td.Name(), "version", version)
+	serving.Store(true)
+	log.Info("control plane serving", "addr", lis.Addr().String(), "trust_domain", cfg.td.Name(), "version", version, "oidc", verifier != nil)
+	sdnotify.Ready("serving on " + lis.Addr().String())
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
@@ -157,12 +346,19 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			return err
 		}
 	}
+	serving.Store(false)
+	sdnotify.Stopping()
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {
 	case <-stopped:
 	case <-time.After(5 * time.Second):
 		srv.Stop()
+	}
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := denials.Flush(fctx); err != nil {
+		log.Warn("audit of refused calls not flushed", "err", err)
 	}
 	log.Info("control plane stopped")
 	return nil

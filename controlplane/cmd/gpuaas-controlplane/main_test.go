@@ -1,10 +1,19 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"log/slog"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/gpuaas/gpuaas/controlplane/audit"
+	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/config"
 )
 
@@ -15,6 +24,54 @@ func TestShippedConfigIsValid(t *testing.T) {
 	}
 	if c.td.Name() != "example.org" || c.TickInterval.D().Seconds() != 1 {
 		t.Fatalf("parsed %+v", c)
+	}
+}
+
+func TestAuditConfigDefaults(t *testing.T) {
+	var c Config
+	body := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\n" +
+		"audit: {signing_key: /etc/gpuaas/audit-signing.key, forward: {address: \"sink:7444\", sink_id: \"spiffe://example.org/gpuaas/audit-sink\"}}\n"
+	if err := config.Decode([]byte(body), &c); err != nil {
+		t.Fatal(err)
+	}
+	a := c.Audit
+	if a.Origin != "example.org/audit" || a.CheckpointEvery != 1000 || a.CheckpointInterval.D() != 10*time.Second || a.Forward.MaxBatch != 1000 {
+		t.Fatalf("audit defaults = %+v %+v", a, a.Forward)
+	}
+}
+
+func TestStartAuditSignsAtStart(t *testing.T) {
+	dir := t.TempDir()
+	skey, pub := filepath.Join(dir, "k"), filepath.Join(dir, "k.pub")
+	if _, err := auditlog.WriteKeyPair("example.org/audit", skey, pub); err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.OpenBolt(filepath.Join(dir, "state.db"), store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	err = st.Update(context.Background(), func(tx store.Tx) error {
+		_, err := audit.Append(tx, auditlog.Entry{Actor: "a", Action: "lease.create", Outcome: auditlog.OutcomeSuccess})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &Config{Audit: AuditConfig{Origin: "example.org/audit", SigningKey: skey, CheckpointEvery: 10, CheckpointInterval: config.Duration(time.Second)}}
+	stop, err := startAudit(context.Background(), cfg, st, nil, prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop()
+	trusted, _ := auditlog.LoadVerifiers(pub)
+	res, err := audit.Verify(context.Background(), st, audit.VerifyOptions{Trusted: trusted})
+	if err != nil || res.Checkpoints != 1 || res.Latest.Size != 1 {
+		t.Fatalf("after start: %+v, %v", res, err)
+	}
+	cfg.Audit.SigningKey = filepath.Join(dir, "missing")
+	if _, err := startAudit(context.Background(), cfg, st, nil, prometheus.NewRegistry(), slog.New(slog.DiscardHandler)); err == nil {
+		t.Fatal("a missing signing key was accepted")
 	}
 }
 
@@ -30,6 +87,12 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"bad log level":    {base + "log: {level: loud}\n", "log.level"},
 		"bad tick":         {base + "tick_interval: 1h\n", "tick_interval"},
 		"tick type":        {base + "tick_interval: [1]\n", "tick_interval"},
+		"audit origin":     {base + "audit: {origin: \"a b\"}\n", "audit.origin"},
+		"relative key":     {base + "audit: {signing_key: k}\n", "audit.signing_key"},
+		"forward unsigned": {base + "audit: {forward: {address: \"s:1\", sink_id: \"spiffe://example.org/sink\"}}\n", "audit.forward"},
+		"forward sink id":  {base + "audit: {signing_key: /k, forward: {address: \"s:1\", sink_id: sink}}\n", "audit.forward.sink_id"},
+		"forward batch":    {base + "audit: {signing_key: /k, checkpoint_every: 100, forward: {address: \"s:1\", sink_id: \"spiffe://example.org/sink\", max_batch: 10}}\n", "audit.forward.max_batch"},
+		"metrics listen":   {base + "metrics_listen: nowhere\n", "metrics_listen"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

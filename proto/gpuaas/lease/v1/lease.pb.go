@@ -11,6 +11,7 @@
 package leasev1
 
 import (
+	_ "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
@@ -1624,7 +1625,7 @@ var File_gpuaas_lease_v1_lease_proto protoreflect.FileDescriptor
 
 const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\n" +
-	"\x1bgpuaas/lease/v1/lease.proto\x12\x0fgpuaas.lease.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x01\n" +
+	"\x1bgpuaas/lease/v1/lease.proto\x12\x0fgpuaas.lease.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dgpuaas/audit/v1/options.proto\"\x89\x01\n" +
 	"\n" +
 	"GpuRequest\x12!\n" +
 	"\vmig_profile\x18\x01 \x01(\tH\x00R\n" +
@@ -1759,16 +1760,16 @@ const file_gpuaas_lease_v1_lease_proto_rawDesc = "" +
 	"\vNetworkMode\x12\x1c\n" +
 	"\x18NETWORK_MODE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13NETWORK_MODE_BRIDGE\x10\x01\x12\x15\n" +
-	"\x11NETWORK_MODE_NONE\x10\x022\xff\x04\n" +
-	"\fLeaseService\x12X\n" +
-	"\vCreateLease\x12#.gpuaas.lease.v1.CreateLeaseRequest\x1a$.gpuaas.lease.v1.CreateLeaseResponse\x12O\n" +
+	"\x11NETWORK_MODE_NONE\x10\x022\x97\x05\n" +
+	"\fLeaseService\x12^\n" +
+	"\vCreateLease\x12#.gpuaas.lease.v1.CreateLeaseRequest\x1a$.gpuaas.lease.v1.CreateLeaseResponse\"\x04\x88\xe7\x18\x01\x12O\n" +
 	"\bGetLease\x12 .gpuaas.lease.v1.GetLeaseRequest\x1a!.gpuaas.lease.v1.GetLeaseResponse\x12U\n" +
 	"\n" +
-	"ListLeases\x12\".gpuaas.lease.v1.ListLeasesRequest\x1a#.gpuaas.lease.v1.ListLeasesResponse\x12X\n" +
-	"\vCancelLease\x12#.gpuaas.lease.v1.CancelLeaseRequest\x1a$.gpuaas.lease.v1.CancelLeaseResponse\x12X\n" +
-	"\vExtendLease\x12#.gpuaas.lease.v1.ExtendLeaseRequest\x1a$.gpuaas.lease.v1.ExtendLeaseResponse\x12Z\n" +
-	"\vWatchLeases\x12#.gpuaas.lease.v1.WatchLeasesRequest\x1a$.gpuaas.lease.v1.WatchLeasesResponse0\x01\x12]\n" +
-	"\fGetLeaseLogs\x12$.gpuaas.lease.v1.GetLeaseLogsRequest\x1a%.gpuaas.lease.v1.GetLeaseLogsResponse0\x01B8Z6github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1;leasev1b\x06proto3"
+	"ListLeases\x12\".gpuaas.lease.v1.ListLeasesRequest\x1a#.gpuaas.lease.v1.ListLeasesResponse\x12^\n" +
+	"\vCancelLease\x12#.gpuaas.lease.v1.CancelLeaseRequest\x1a$.gpuaas.lease.v1.CancelLeaseResponse\"\x04\x88\xe7\x18\x01\x12^\n" +
+	"\vExtendLease\x12#.gpuaas.lease.v1.ExtendLeaseRequest\x1a$.gpuaas.lease.v1.ExtendLeaseResponse\"\x04\x88\xe7\x18\x01\x12Z\n" +
+	"\vWatchLeases\x12#.gpuaas.lease.v1.WatchLeasesRequest\x1a$.gpuaas.lease.v1.WatchLeasesResponse0\x01\x12c\n" +
+	"\fGetLeaseLogs\x12$.gpuaas.lease.v1.GetLeaseLogsRequest\x1a%.gpuaas.lease.v1.GetLeaseLogsResponse\"\x04\x88\xe7\x18\x010\x01B8Z6github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1;leasev1b\x06proto3"
 
 var (
 	file_gpuaas_lease_v1_lease_proto_rawDescOnce sync.Once
