@@ -16,7 +16,7 @@ setup:
 	@scripts/setup.sh
 
 build:
-	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./agent/cmd/gpuaas-agent ./controlplane/cmd/gpuaas-controlplane ./controlplane/cmd/gpuaasctl
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./agent/cmd/gpuaas-agent ./agent/cmd/gpuaas-logdriver ./controlplane/cmd/gpuaas-controlplane ./controlplane/cmd/gpuaasctl
 
 proto: setup
 	scripts/gen-proto.sh

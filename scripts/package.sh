@@ -11,10 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NFPM_VERSION=$(awk '$1=="github.com/goreleaser/nfpm/v2" {print $2}' tools/nfpm/go.mod)
-NFPM=.cache/bin/nfpm-$NFPM_VERSION
+NFPM=.cache/bin/nfpm-$NFPM_VERSION/nfpm
 if [ ! -x "$NFPM" ]; then
   echo "package: building nfpm $NFPM_VERSION (about 30 s, cached afterwards)"
-  mkdir -p .cache/bin
+  mkdir -p "$(dirname "$NFPM")"
   (cd tools/nfpm && go build -o "../../$NFPM" github.com/goreleaser/nfpm/v2/cmd/nfpm)
 fi
 

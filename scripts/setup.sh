@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need on a fresh Debian 12
 # machine, idempotently: Debian packages (containerd, runc, busybox-static,
-# protoc, docker-registry and skopeo for the image pull tests) and the
+# protoc, docker-registry and skopeo for the image pull tests, the CNI
+# plugins and iptables for the leases' bridge network) and the
 # pinned Go tools, cached under .cache/ keyed by version.
 # Fast (well under a second) when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in containerd:containerd runc:runc busybox:busybox-static protoc:protobuf-compiler ip:iproute2 docker-registry:docker-registry skopeo:skopeo; do
+for pair in containerd:containerd runc:runc busybox:busybox-static protoc:protobuf-compiler ip:iproute2 docker-registry:docker-registry skopeo:skopeo iptables:iptables systemd-analyze:systemd dpkg-deb:dpkg; do
   cmd=${pair%%:*} pkg=${pair#*:}
-  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
+# The CNI plugins (bridge, host-local, portmap, loopback) are not commands.
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -33,3 +36,26 @@ if [ ! -x ".cache/bin/buf-$BUF_VERSION" ]; then
   (cd tools && go build -o "../.cache/bin/buf-$BUF_VERSION" github.com/bufbuild/buf/cmd/buf)
 fi
 ln -sf "buf-$BUF_VERSION" .cache/bin/buf
+
+# The other pinned tools, each in its own module under tools/ (their
+# dependency graphs clash with the product's) and cached by version:
+# staticcheck (lint), nfpm (packages), SPIRE (identity tests; the slowest,
+# about 4 minutes on 2 cores the first time).
+tool() { # name module-path package... (first package names the binary dir)
+  local dir=$1 mod=$2; shift 2
+  local v
+  v=$(awk -v m="$mod" '$1==m {print $2}' "tools/$dir/go.mod")
+  [ -n "$v" ] || { echo "setup: $mod not pinned in tools/$dir/go.mod" >&2; exit 1; }
+  local out=".cache/bin/$dir-$v"
+  local missing=0
+  for p in "$@"; do [ -x "$out/$(basename "$p")" ] || missing=1; done
+  if [ $missing = 1 ]; then
+    echo "setup: building $dir $v (cached afterwards)"
+    rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+    (cd "tools/$dir" && go build -o "../../$out.tmp/" "$@")
+    rm -rf "$out" && mv "$out.tmp" "$out"
+  fi
+}
+tool staticcheck honnef.co/go/tools honnef.co/go/tools/cmd/staticcheck
+tool nfpm github.com/goreleaser/nfpm/v2 github.com/goreleaser/nfpm/v2/cmd/nfpm
+tool spire github.com/spiffe/spire github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent

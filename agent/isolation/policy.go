@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	egresspkg "github.com/gpuaas/gpuaas/pkg/egress"
 )
 
 // Limits on a policy. A lease names a handful of device nodes and, on a
@@ -291,10 +293,7 @@ func normalizePrefixes(in []netip.Prefix, maxPerFamily int, what string) (v4, v6
 		if !p.IsValid() {
 			return nil, nil, fmt.Errorf("%w: %s prefix %q is not valid", ErrInvalidPolicy, what, p)
 		}
-		p = p.Masked()
-		if p.Addr().Is4In6() && p.Bits() >= 96 {
-			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-		}
+		p = egresspkg.Canonical(p)
 		if p.Addr().Is4() {
 			v4 = append(v4, p)
 		} else {
@@ -319,6 +318,13 @@ func comparePrefix(a, b netip.Prefix) int {
 func (p Policy) egress(maxPerFamily int) (egress, error) {
 	var e egress
 	var err error
+	// Defense in depth behind the control plane's own check: no allow
+	// entry may open a cloud metadata endpoint.
+	for _, a := range p.AllowPrefixes {
+		if m, ok := egresspkg.CoversMetadata(a); ok {
+			return egress{}, fmt.Errorf("%w: allow prefix %s covers the cloud metadata endpoint %s, which is never allowed", ErrInvalidPolicy, a, m)
+		}
+	}
 	if e.deny4, e.deny6, err = normalizePrefixes(p.DenyPrefixes, maxPerFamily, "deny"); err != nil {
 		return egress{}, err
 	}
@@ -404,12 +410,14 @@ func verdict(addr netip.Addr, deny, allow []netip.Prefix) bool {
 // workloads that talk to themselves. A lease sharing the host's network
 // namespace must add LoopbackPrefixes to its deny list.
 func DefaultDenyPrefixes() []netip.Prefix {
-	return mustPrefixes(
-		"169.254.0.0/16", "168.63.129.16/32",
+	// The metadata endpoints are single-address entries: more specific
+	// than any allow entry a lease may have, they always win.
+	return append(mustPrefixes(
+		"169.254.0.0/16",
 		"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
 		"224.0.0.0/4", "255.255.255.255/32",
-		"fd00:ec2::254/128", "fe80::/10", "fc00::/7", "fec0::/10", "ff00::/8",
-	)
+		"fe80::/10", "fc00::/7", "fec0::/10", "ff00::/8",
+	), egresspkg.Metadata()...)
 }
 
 // LoopbackPrefixes are 127.0.0.0/8 and ::1/128, for a lease that shares

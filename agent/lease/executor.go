@@ -170,7 +170,8 @@ func (e *Executor) Observed() (*agentv1.ObservedState, error) {
 	sort.Strings(ids)
 	for _, id := range ids {
 		r := recs[id]
-		st := &leasev1.LeaseStatus{MigUuid: r.MIGUUID, ContainerId: r.ContainerID, ImageDigest: r.ImageDigest, Exited: r.Exited, ExitCode: r.ExitCode}
+		st := &leasev1.LeaseStatus{MigUuid: r.MIGUUID, ContainerId: r.ContainerID, ImageDigest: r.ImageDigest, Exited: r.Exited, ExitCode: r.ExitCode,
+			OomKilled: r.OOMKilled, Ip: r.IP}
 		if r.Exited {
 			st.ExitSignal = int32(signalOf(uint32(r.ExitCode)))
 		}
@@ -315,7 +316,8 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 func permanent(err error) bool {
 	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) || errors.Is(err, ErrGPUUnhealthy) ||
 		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec) || errors.Is(err, runtime.ErrImagePolicy) || errors.Is(err, errImageUnavailable) ||
-		errors.Is(err, isolation.ErrUnsupported) || errors.Is(err, isolation.ErrAttach) || errors.Is(err, isolation.ErrInvalidPolicy) || errors.Is(err, errNoCgroup)
+		errors.Is(err, isolation.ErrUnsupported) || errors.Is(err, isolation.ErrAttach) || errors.Is(err, isolation.ErrInvalidPolicy) || errors.Is(err, errNoCgroup) ||
+		errors.Is(err, runtime.ErrNetworkUnavailable)
 }
 
 func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) error {
@@ -396,15 +398,19 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 		}
 		st, err = e.o.Runtime.Create(ctx, runtime.Spec{
 			ID: cid, LeaseID: r.LeaseID, Tenant: l.GetSpec().GetTenant(), Image: image, Args: w.GetArgs(), Env: env,
-			LogPath: filepath.Join(e.o.LogDir, r.LeaseID+".log"), Device: dev,
+			LogPath: filepath.Join(e.o.LogDir, r.LeaseID+".log"), Device: dev, Network: networkMode(w.GetNetwork()),
 			Limits: runtime.Limits{MemoryBytes: w.GetResources().GetMemoryBytes(), CPUMillis: w.GetResources().GetCpuMillis(), Pids: w.GetResources().GetPids()},
 		})
 	}
 	if err != nil {
 		return e.fail(ctx, r, err, "create container")
 	}
-	if !r.Created {
-		r.Created = true
+	ip := ""
+	if st.IP.IsValid() {
+		ip = st.IP.String()
+	}
+	if !r.Created || r.IP != ip {
+		r.Created, r.IP = true, ip
 		if err := e.save(r); err != nil {
 			return err
 		}
@@ -433,19 +439,15 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 			return e.save(r)
 		}
 	case runtime.StateStopped:
-		r.Exited, r.ExitCode = true, int32(st.ExitCode)
+		r.Exited, r.ExitCode, r.OOMKilled = true, int32(st.ExitCode), st.OOMKilled
 		if r.StartTime.IsZero() {
 			r.StartTime = e.o.Now()
 		}
 		phase := leasev1.Phase_PHASE_TERMINATED
-		if st.ExitCode != 0 {
+		if st.ExitCode != 0 || st.OOMKilled {
 			phase = leasev1.Phase_PHASE_FAILED
 		}
-		reason := fmt.Sprintf("exited with code %d", st.ExitCode)
-		if sig := signalOf(st.ExitCode); sig != 0 {
-			reason = fmt.Sprintf("killed by signal %d", sig)
-		}
-		return e.teardown(ctx, r, phase, reason)
+		return e.teardown(ctx, r, phase, exitReason(st))
 	}
 	return nil
 }
@@ -463,7 +465,7 @@ func (e *Executor) fail(ctx context.Context, r *Record, err error, step string) 
 
 // reasonOf is the part of an error safe to report upstream: its class.
 func reasonOf(err error) string {
-	for _, c := range []error{errImageUnavailable, runtime.ErrImagePolicy, isolation.ErrUnsupported, isolation.ErrAttach, isolation.ErrInvalidPolicy, errNoCgroup, ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
+	for _, c := range []error{errImageUnavailable, runtime.ErrImagePolicy, runtime.ErrNetworkUnavailable, isolation.ErrUnsupported, isolation.ErrAttach, isolation.ErrInvalidPolicy, errNoCgroup, ErrGPUUnhealthy, gpu.ErrInsufficientResources, gpu.ErrInvalidArgument, gpu.ErrNotSupported, gpu.ErrNotFound,
 		runtime.ErrImageNotFound, runtime.ErrInvalidSpec, runtime.ErrNotFound} {
 		if errors.Is(err, c) {
 			return c.Error()
@@ -485,7 +487,7 @@ func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase,
 	if r.ContainerID != "" {
 		if !r.Exited {
 			if st, err := e.o.Runtime.Status(ctx, r.ContainerID); err == nil && st.State == runtime.StateStopped {
-				r.Exited, r.ExitCode = true, int32(st.ExitCode)
+				r.Exited, r.ExitCode, r.OOMKilled = true, int32(st.ExitCode), st.OOMKilled
 			}
 		}
 		if err := e.o.Runtime.Stop(ctx, r.ContainerID, e.o.StopGrace); err != nil {
@@ -523,11 +525,40 @@ func (e *Executor) teardown(ctx context.Context, r *Record, final leasev1.Phase,
 		}
 	}
 	r.Phase, r.Reason, r.EndTime = final, reason, e.o.Now()
-	if !strings.HasPrefix(reason, "exited") && !strings.HasPrefix(reason, "killed by signal") && r.Exited {
-		r.Reason = fmt.Sprintf("%s (workload had exited with code %d)", reason, r.ExitCode)
+	if !strings.HasPrefix(reason, "exited") && !strings.HasPrefix(reason, "killed by signal") && reason != reasonOOMKilled && r.Exited {
+		if r.OOMKilled {
+			r.Reason = fmt.Sprintf("%s (workload had been %s)", reason, reasonOOMKilled)
+		} else {
+			r.Reason = fmt.Sprintf("%s (workload had exited with code %d)", reason, r.ExitCode)
+		}
 	}
 	e.o.Logger.Info("lease ended", "lease", r.LeaseID, "phase", strings.TrimPrefix(final.String(), "PHASE_"), "reason", r.Reason)
 	return e.save(r)
+}
+
+// reasonOOMKilled is the reason of a lease whose workload the kernel's OOM
+// killer ended (its memory limit was reached): told apart from a SIGKILL
+// sent by anyone else, which exits the same way.
+const reasonOOMKilled = "oom-killed"
+
+// exitReason says why a workload's task ended.
+func exitReason(st runtime.Status) string {
+	if st.OOMKilled {
+		return reasonOOMKilled
+	}
+	if sig := signalOf(st.ExitCode); sig != 0 {
+		return fmt.Sprintf("killed by signal %d", sig)
+	}
+	return fmt.Sprintf("exited with code %d", st.ExitCode)
+}
+
+// networkMode is the runtime's network mode for a lease's: bridge unless
+// it asks for none. A lease never gets the host's network namespace.
+func networkMode(m leasev1.NetworkMode) runtime.NetworkMode {
+	if m == leasev1.NetworkMode_NETWORK_MODE_NONE {
+		return runtime.NetworkNone
+	}
+	return runtime.NetworkBridge
 }
 
 // removeOrphans stops our containers that no journaled lease accounts for.
@@ -549,6 +580,17 @@ func (e *Executor) removeOrphans(ctx context.Context) error {
 			return fmt.Errorf("stop orphan %s: %w", st.ID, err)
 		}
 		if err := e.o.Journal.AddEvents(event("container.orphan_removed", st.LeaseID, "container/"+st.ID, auditlog.OutcomeSuccess, "no lease accounts for it", nil, e.o.Now())); err != nil {
+			return err
+		}
+	}
+	// Networks of containers that are gone (deleted behind the agent's
+	// back, lost in a crash or a reboot): namespaces, veths, addresses.
+	if sw, ok := e.o.Runtime.(runtime.NetworkSweeper); ok {
+		gone, err := sw.SweepNetwork(ctx)
+		for _, id := range gone {
+			e.o.Logger.Warn("released the network of a container that is gone", "container", id)
+		}
+		if err != nil {
 			return err
 		}
 	}

@@ -73,11 +73,18 @@ type Record struct {
 	// NotAfter is the lease's end as last desired, kept so the reason a
 	// lease left the desired set (expired or cancelled) is known after it
 	// left.
-	NotAfter   time.Time `json:"not_after,omitzero"`
-	StartTime  time.Time `json:"start_time,omitzero"`
-	EndTime    time.Time `json:"end_time,omitzero"`
-	Exited     bool      `json:"exited,omitempty"`
-	ExitCode   int32     `json:"exit_code,omitempty"`
+	NotAfter  time.Time `json:"not_after,omitzero"`
+	StartTime time.Time `json:"start_time,omitzero"`
+	EndTime   time.Time `json:"end_time,omitzero"`
+	Exited    bool      `json:"exited,omitempty"`
+	ExitCode  int32     `json:"exit_code,omitempty"`
+	// OOMKilled: the kernel's OOM killer killed a process of the workload
+	// (as the runtime read it from the task's memory cgroup before the
+	// task was deleted).
+	OOMKilled bool `json:"oom_killed,omitempty"`
+	// IP is the workload's address on the node's bridge network; empty
+	// without a network.
+	IP         string    `json:"ip,omitempty"`
 	UpdateTime time.Time `json:"update_time"`
 	// ReportedSeq is the first observed-state report that carried the
 	// terminal phase; once the control plane acks it, the record may go.

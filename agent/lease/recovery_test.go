@@ -312,8 +312,12 @@ func TestExecutorRetriesWhileContainerdIsDown(t *testing.T) {
 	if got := r.actions(l.GetId()); !slices.Equal(got, []string{"partition.create", "container.start"}) {
 		t.Errorf("audit events = %v, want one partition.create and one container.start despite the retries", got)
 	}
-	// Before this containerd's cleanup kills the container under it.
+	// Before this containerd's cleanup kills the container under it (and
+	// through the runtime, so that its network is released too).
 	ex.stop(t)
+	if err := r.rt.Stop(context.Background(), ContainerID(l.GetId()), 0); err != nil {
+		t.Errorf("stop the lease's container: %v", err)
+	}
 }
 
 func TestExecutorKeepsTearingDownAnEndedLeaseUntilItsPartitionIsReleased(t *testing.T) {

@@ -108,6 +108,9 @@ type rig struct {
 	clock       *clock
 	logs        *logSink
 	gen         uint64
+	// net is the rig's bridge network: leases get their own bridge and
+	// subnet, as every agent on a host does.
+	net *harness.Network
 }
 
 // newRig starts containerd for the test and builds a host around it.
@@ -130,7 +133,25 @@ func newRigAt(t *testing.T, address string) *rig {
 		logDir:      filepath.Join(dir, "logs"),
 		clock:       newClock(),
 		logs:        &logSink{t: t},
+		net:         harness.NetworkT(t),
 	}
+	// Before the network's check and containerd's cleanup: stop what the
+	// test left running through the runtime, which releases each
+	// container's network (containerd's cleanup alone would not).
+	t.Cleanup(func() {
+		rt, err := runtime.NewContainerd(context.Background(), r.config())
+		if err != nil {
+			t.Logf("final cleanup: %v", err)
+			return
+		}
+		defer rt.Close()
+		list, _ := rt.List(context.Background())
+		for _, st := range list {
+			if err := rt.Stop(context.Background(), st.ID, 0); err != nil {
+				t.Errorf("final cleanup: stop %s: %v", st.ID, err)
+			}
+		}
+	})
 	r.rt = r.connect()
 	archive, _ := harness.BusyboxArchiveT(t, ociimage.Options{Name: testImage})
 	names, err := r.rt.ImportArchive(context.Background(), archive)
@@ -147,10 +168,21 @@ func newRigAt(t *testing.T, address string) *rig {
 	return r
 }
 
+// config is the rig's runtime configuration.
+func (r *rig) config() runtime.Config {
+	return runtime.Config{
+		Address: r.address, Namespace: testNamespace, Images: runtime.ImagePolicy{AllowedRegistries: []string{"localhost"}},
+		Network: &runtime.NetworkConfig{
+			PluginDirs: []string{r.net.PluginDir}, Bridge: r.net.Bridge, Subnet: r.net.Subnet,
+			RunDir: r.net.RunDir, StateDir: r.net.StateDir,
+		},
+	}
+}
+
 // connect opens a runtime client, closed by the test's cleanups.
 func (r *rig) connect() *runtime.Containerd {
 	r.t.Helper()
-	rt, err := runtime.NewContainerd(context.Background(), runtime.Config{Address: r.address, Namespace: testNamespace, Images: runtime.ImagePolicy{AllowedRegistries: []string{"localhost"}}})
+	rt, err := runtime.NewContainerd(context.Background(), r.config())
 	if err != nil {
 		r.t.Fatalf("connect runtime: %v", err)
 	}

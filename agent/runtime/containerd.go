@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -69,7 +71,28 @@ type Config struct {
 	// environment); Stop removes the spec with the container. Empty: no
 	// CDI.
 	CDISpecDir string
+	// Network, when set, is the bridge network containers in NetworkBridge
+	// mode join; NewContainerd fails if it cannot work on this host. Nil:
+	// only NetworkNone containers can be created.
+	Network *NetworkConfig
+	// LogDriver, when set, is the absolute path of the gpuaas-logdriver
+	// binary: the shim runs it for each task (containerd's binary logging
+	// protocol) to write Spec.LogPath size-capped and rotated, LogMaxFiles
+	// files of at most LogMaxBytes each. The shim owns it, so logging goes
+	// on while the agent restarts. Empty: the shim appends to Spec.LogPath
+	// itself, without a cap.
+	LogDriver string
+	// LogMaxBytes and LogMaxFiles bound each lease's log with LogDriver;
+	// DefaultLogMaxBytes and DefaultLogMaxFiles if zero.
+	LogMaxBytes int64
+	LogMaxFiles int
 }
+
+// Defaults for Config's log bounds (10 MiB x 3 files per lease).
+const (
+	DefaultLogMaxBytes int64 = 10 << 20
+	DefaultLogMaxFiles       = 3
+)
 
 // Containerd implements Runtime on a containerd daemon. Containers and
 // their tasks belong to containerd and the shims, not to this process:
@@ -83,8 +106,13 @@ type Containerd struct {
 	leaseTTL    time.Duration
 	cgroupRoot  string // cgroup v2 mount; empty if the host has none
 	images      ImagePolicy
-	cdiDir      string     // Config.CDISpecDir
-	cdiCache    *cdi.Cache // over cdiDir; nil without CDI
+	cdiDir      string      // Config.CDISpecDir
+	cdiCache    *cdi.Cache  // over cdiDir; nil without CDI
+	net         *cniNetwork // nil without Config.Network
+	logDriver   string
+	logMaxBytes int64
+	logMaxFiles int
+	memory      memoryCgroup
 
 	closeOnce sync.Once
 	closeErr  error
@@ -113,6 +141,23 @@ func NewContainerd(ctx context.Context, cfg Config) (*Containerd, error) {
 	if err := cfg.Images.Validate(); err != nil {
 		return nil, fmt.Errorf("connect to containerd: image policy: %w", err)
 	}
+	if cfg.LogMaxBytes == 0 {
+		cfg.LogMaxBytes = DefaultLogMaxBytes
+	}
+	if cfg.LogMaxFiles == 0 {
+		cfg.LogMaxFiles = DefaultLogMaxFiles
+	}
+	if d := cfg.LogDriver; d != "" {
+		if !filepath.IsAbs(d) {
+			return nil, fmt.Errorf("log driver %q: want an absolute path", d)
+		}
+		if fi, err := os.Stat(d); err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
+			return nil, fmt.Errorf("log driver %s: not an executable file (%v)", d, err)
+		}
+	}
+	if cfg.LogMaxBytes < 0 || cfg.LogMaxFiles < 0 {
+		return nil, fmt.Errorf("log bounds %d bytes x %d files: want positive values", cfg.LogMaxBytes, cfg.LogMaxFiles)
+	}
 	// Fail fast when nobody serves the socket: the client's dialer would
 	// otherwise keep retrying in the background for its whole timeout.
 	var d net.Dialer
@@ -135,6 +180,17 @@ func NewContainerd(ctx context.Context, cfg Config) (*Containerd, error) {
 		cgroupRoot: cgroupV2Root(),
 		images:     cfg.Images.clone(),
 		cdiDir:     cfg.CDISpecDir,
+
+		logDriver:   cfg.LogDriver,
+		logMaxBytes: cfg.LogMaxBytes,
+		logMaxFiles: cfg.LogMaxFiles,
+	}
+	r.memory = detectMemoryCgroup(r.cgroupRoot)
+	if cfg.Network != nil {
+		if r.net, err = newCNINetwork(ctx, cfg.Namespace, *cfg.Network); err != nil {
+			cl.Close()
+			return nil, fmt.Errorf("container network: %w", err)
+		}
 	}
 	if cfg.CDISpecDir != "" {
 		if r.cdiCache, err = newCDICache(cfg.CDISpecDir); err != nil {
@@ -248,6 +304,9 @@ func (r *Containerd) Create(ctx context.Context, spec Spec) (Status, error) {
 	if err := validateSpec(spec); err != nil {
 		return Status{}, err
 	}
+	if spec.Network == NetworkBridge && r.net == nil {
+		return Status{}, fmt.Errorf("create container %s: %w: bridge networking is not configured", spec.ID, ErrNetworkUnavailable)
+	}
 	ctx, release, err := r.withLease(ctx)
 	if err != nil {
 		return Status{}, fmt.Errorf("create container %s: %w", spec.ID, err)
@@ -285,6 +344,7 @@ func (r *Containerd) Create(ctx context.Context, spec Spec) (Status, error) {
 	labels := map[string]string{
 		LabelLease:       spec.LeaseID,
 		LabelImageDigest: img.Target().Digest.String(),
+		LabelNetwork:     spec.Network.String(),
 	}
 	if spec.Tenant != "" {
 		labels[LabelTenant] = spec.Tenant
@@ -303,6 +363,12 @@ func (r *Containerd) Create(ctx context.Context, spec Spec) (Status, error) {
 		devices = withCDIDevices(r.cdiCache, name)
 	}
 	specOpts := append([]oci.SpecOpts{oci.WithDefaultSpec(), oci.WithImageConfig(img)}, hardenedSpecWith(r.namespace, spec, devices)...)
+	if spec.Network == NetworkBridge {
+		// The namespace the runtime creates and attaches (after the
+		// container record exists, so a sweep never takes it for a
+		// leftover) before the task joins it.
+		specOpts = append(specOpts, oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: r.net.netnsPath(spec.ID)}))
+	}
 	c, err := r.client.NewContainer(ctx, spec.ID,
 		client.WithImage(img),
 		client.WithSnapshotter(r.snapshotter),
@@ -330,7 +396,12 @@ func (r *Containerd) Create(ctx context.Context, spec Spec) (Status, error) {
 		}
 		return Status{}, wrapErr(err, "create container %s", spec.ID)
 	}
-	if err := r.newTask(ctx, c, spec); err != nil {
+	if c, err = r.networkAndTask(ctx, c, spec, spec.Network); err != nil {
+		if spec.Network == NetworkBridge {
+			if nerr := r.net.teardown(context.WithoutCancel(ctx), spec.ID); nerr != nil {
+				err = errors.Join(err, nerr)
+			}
+		}
 		if derr := c.Delete(ctx, client.WithSnapshotCleanup); derr != nil && !errdefs.IsNotFound(derr) {
 			err = errors.Join(err, fmt.Errorf("roll back container: %w", derr))
 		} else if cdiWritten {
@@ -354,7 +425,8 @@ func (r *Containerd) adopt(ctx context.Context, c client.Container, spec Spec) (
 		return Status{}, fmt.Errorf("%w: container %s exists for lease %q, not %q", ErrInvalidSpec, spec.ID, got, spec.LeaseID)
 	}
 	if _, err := c.Task(ctx, nil); errdefs.IsNotFound(err) {
-		if err := r.newTask(ctx, c, spec); err != nil && !errdefs.IsAlreadyExists(err) {
+		// Half-created (a crash between the steps of Create): finish it.
+		if c, err = r.networkAndTask(ctx, c, spec, networkOf(labels)); err != nil {
 			return Status{}, err
 		}
 	} else if err != nil {
@@ -363,11 +435,97 @@ func (r *Containerd) adopt(ctx context.Context, c client.Container, spec Spec) (
 	return r.status(ctx, c)
 }
 
+// networkOf is the network mode a container was created with.
+func networkOf(labels map[string]string) NetworkMode {
+	if labels[LabelNetwork] == NetworkBridge.String() {
+		return NetworkBridge
+	}
+	return NetworkNone
+}
+
+// networkAndTask creates the container's task, not started, and in
+// bridge mode its network namespace, attached and its address recorded as
+// a label, before it returns. The task (runc create, which joins the
+// namespace) and the CNI attachment run at the same time. It redoes an
+// attachment a crash left incomplete (no address recorded, or the
+// namespace gone). On error it deletes the task it created; the caller
+// removes the network. It returns the container with its metadata
+// reloaded when it changed.
+func (r *Containerd) networkAndTask(ctx context.Context, c client.Container, spec Spec, mode NetworkMode) (client.Container, error) {
+	newTask := func() error {
+		if err := r.newTask(ctx, c, spec); err != nil && !errdefs.IsAlreadyExists(err) {
+			return err
+		}
+		return nil
+	}
+	if mode != NetworkBridge {
+		return c, newTask()
+	}
+	if r.net == nil {
+		return c, fmt.Errorf("create container %s: %w: bridge networking is not configured", c.ID(), ErrNetworkUnavailable)
+	}
+	labels, err := c.Labels(ctx)
+	if err != nil {
+		return c, wrapErr(err, "create container %s: labels", c.ID())
+	}
+	if labels[LabelIP] != "" && isNetNS(r.net.netnsPath(c.ID())) {
+		return c, newTask()
+	}
+	// Whatever a previous attempt left is removed first: the bridge
+	// plugin refuses an eth0 that exists, host-local a second address.
+	if r.net.holds(c.ID()) {
+		if err := r.net.teardown(ctx, c.ID()); err != nil {
+			return c, fmt.Errorf("create container %s: %w", c.ID(), err)
+		}
+	}
+	if err := newNetNS(r.net.netnsPath(c.ID())); err != nil {
+		return c, fmt.Errorf("create container %s: %w", c.ID(), err)
+	}
+	var ip netip.Addr
+	attached := make(chan error, 1)
+	go func() {
+		var err error
+		ip, err = r.net.attach(ctx, c.ID())
+		attached <- err
+	}()
+	terr := newTask()
+	if err := <-attached; err != nil || terr != nil {
+		err = errors.Join(terr, err)
+		if terr == nil {
+			if task, lerr := c.Task(ctx, nil); lerr == nil {
+				if _, derr := task.Delete(context.WithoutCancel(ctx), client.WithProcessKill); derr != nil && !errdefs.IsNotFound(derr) {
+					err = errors.Join(err, fmt.Errorf("roll back task: %w", derr))
+				}
+			}
+		}
+		return c, fmt.Errorf("create container %s: %w", c.ID(), err)
+	}
+	if _, err := c.SetLabels(ctx, map[string]string{LabelIP: ip.String()}); err != nil {
+		return c, wrapErr(err, "create container %s: record address", c.ID())
+	}
+	// The client caches the metadata it loaded; Status reads the label.
+	nc, err := r.client.LoadContainer(ctx, c.ID())
+	if err != nil {
+		return c, wrapErr(err, "create container %s: reload", c.ID())
+	}
+	return nc, nil
+}
+
 // newTask creates the container's task, not started. The shim writes the
-// output to the log file itself, so nothing depends on this process.
+// output to the log file, itself or through the log driver it runs, so
+// nothing depends on this process.
 func (r *Containerd) newTask(ctx context.Context, c client.Container, spec Spec) error {
 	ioc := cio.NullIO
-	if spec.LogPath != "" {
+	switch {
+	case spec.LogPath != "" && r.logDriver != "":
+		// The shim passes each key and its value as two arguments, in no
+		// fixed order: the keys carry the flags' dashes.
+		ioc = cio.BinaryIO(r.logDriver, map[string]string{
+			"--file":      spec.LogPath,
+			"--max-bytes": strconv.FormatInt(r.logMaxBytes, 10),
+			"--max-files": strconv.Itoa(r.logMaxFiles),
+		})
+	case spec.LogPath != "":
 		ioc = cio.LogFile(spec.LogPath)
 	}
 	if _, err := c.NewTask(ctx, ioc); err != nil {
@@ -433,6 +591,10 @@ func (r *Containerd) status(ctx context.Context, c client.Container) (Status, er
 		Image:       info.Image,
 		ImageDigest: info.Labels[LabelImageDigest],
 		State:       StateNoTask,
+		Network:     networkOf(info.Labels),
+	}
+	if ip, err := netip.ParseAddr(info.Labels[LabelIP]); err == nil {
+		st.IP = ip
 	}
 	task, err := c.Task(ctx, nil)
 	if errdefs.IsNotFound(err) {
@@ -458,6 +620,10 @@ func (r *Containerd) status(ctx context.Context, c client.Container) (Status, er
 		st.State = StateStopped
 		st.ExitCode = ts.ExitStatus
 		st.ExitedAt = ts.ExitTime
+		// The task's cgroup stays until the task is deleted.
+		if n, ok := r.memory.oomKills(cgroupsPathOf(info.Spec)); ok && n > 0 {
+			st.OOMKilled = true
+		}
 	default:
 		st.State = StateUnknown
 	}
@@ -471,18 +637,27 @@ func (r *Containerd) status(ctx context.Context, c client.Container) (Status, er
 // below the host's cgroup v2 mount. Empty when the host has no cgroup v2
 // or the path is not a cgroupfs path (systemd "slice:prefix:name").
 func (r *Containerd) cgroupDir(specAny interface{ GetValue() []byte }) string {
-	if r.cgroupRoot == "" || specAny == nil {
+	p := cgroupsPathOf(specAny)
+	if r.cgroupRoot == "" || p == "" {
+		return ""
+	}
+	return filepath.Join(r.cgroupRoot, p)
+}
+
+// cgroupsPathOf is a container spec's cgroupsPath when it is a cgroupfs
+// path (absolute), else "".
+func cgroupsPathOf(specAny interface{ GetValue() []byte }) string {
+	if specAny == nil {
 		return ""
 	}
 	var s specs.Spec
 	if err := json.Unmarshal(specAny.GetValue(), &s); err != nil || s.Linux == nil {
 		return ""
 	}
-	p := s.Linux.CgroupsPath
-	if !filepath.IsAbs(p) {
-		return ""
+	if p := s.Linux.CgroupsPath; filepath.IsAbs(p) {
+		return p
 	}
-	return filepath.Join(r.cgroupRoot, p)
+	return ""
 }
 
 // Stop sends SIGTERM to the task, SIGKILL to everything in the container
@@ -499,6 +674,13 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) e
 	defer release()
 	c, err := r.client.LoadContainer(ctx, id)
 	if errdefs.IsNotFound(err) {
+		// Gone behind our back (or a retry after a crash mid-Stop):
+		// release what it may still hold on the network.
+		if r.net != nil && r.net.holds(id) {
+			if err := r.net.teardown(ctx, id); err != nil {
+				return fmt.Errorf("stop container %s: %w", id, err)
+			}
+		}
 		return nil
 	}
 	if err != nil {
@@ -513,13 +695,21 @@ func (r *Containerd) Stop(ctx context.Context, id string, grace time.Duration) e
 	case !errdefs.IsNotFound(err):
 		return wrapErr(err, "stop container %s: load task", id)
 	}
+	labels, err := c.Labels(ctx)
+	if err != nil && !errdefs.IsNotFound(err) {
+		return wrapErr(err, "stop container %s: labels", id)
+	}
 	var migUUID string
 	if r.cdiDir != "" {
-		labels, err := c.Labels(ctx)
-		if err != nil && !errdefs.IsNotFound(err) {
-			return wrapErr(err, "stop container %s: labels", id)
-		}
 		migUUID = labels[LabelMIG]
+	}
+	// The network goes before the container record: a namespace file or
+	// an address never outlives its container but through a crash, which
+	// SweepNetwork repairs.
+	if networkOf(labels) == NetworkBridge && r.net != nil {
+		if err := r.net.teardown(ctx, id); err != nil {
+			return fmt.Errorf("stop container %s: %w", id, err)
+		}
 	}
 	if err := c.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 		return wrapErr(err, "delete container %s", id)
@@ -590,6 +780,56 @@ func (r *Containerd) List(ctx context.Context) ([]Status, error) {
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil
 }
+
+// SweepNetwork releases the network namespace, the CNI attachment (veth)
+// and the address of every container that no longer exists:
+// deleted behind the runtime's back, or lost to an agent crash or a host
+// reboot (which empties the namespace directory but not the persistent
+// allocations). It returns the ids it cleaned up; without a network it
+// does nothing.
+func (r *Containerd) SweepNetwork(ctx context.Context) ([]string, error) {
+	if r.net == nil {
+		return nil, nil
+	}
+	ctx = r.nsContext(ctx)
+	// Leftovers first, containers second: Create makes the container
+	// before its network and Stop removes the network before the
+	// container, so a leftover seen here whose container is missing
+	// afterwards is not one being created.
+	ids, err := r.net.leftovers()
+	if err != nil {
+		return nil, fmt.Errorf("sweep network: %w", err)
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	cs, err := r.client.Containers(ctx)
+	if err != nil {
+		return nil, wrapErr(err, "sweep network: list containers")
+	}
+	live := make(map[string]bool, len(cs))
+	for _, c := range cs {
+		live[c.ID()] = true
+	}
+	var gone []string
+	var errs []error
+	for _, id := range ids {
+		if live[id] {
+			continue
+		}
+		if err := r.net.teardown(ctx, id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		gone = append(gone, id)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return gone, fmt.Errorf("sweep network: %w", err)
+	}
+	return gone, nil
+}
+
+var _ NetworkSweeper = (*Containerd)(nil)
 
 // Close closes the client connection; containers and tasks keep running.
 // Calling it again returns the first result.

@@ -37,29 +37,70 @@ type env struct {
 	rt   *Containerd
 	raw  *client.Client
 	ctx  context.Context // in testNamespace, for raw
+	// net is the test's bridge network (newNetEnv only); its Close, a
+	// cleanup, fails the test if a container left anything on it.
+	net *harness.Network
+	// tweak, if set, changes the runtime configuration of later connects.
+	tweak func(*Config)
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
+	return newEnvWith(t, nil)
+}
+
+// newNetEnv is newEnv with a bridge network of the test's own.
+func newNetEnv(t *testing.T) *env {
+	t.Helper()
+	n := harness.NetworkT(t)
+	return newEnvWith(t, n)
+}
+
+func newEnvWith(t *testing.T, n *harness.Network) *env {
+	t.Helper()
 	ctrd := harness.StartContainerdT(t, harness.Options{})
 	ctx := context.Background()
-	rt, err := NewContainerd(ctx, Config{Address: ctrd.Address(), Namespace: testNamespace})
-	if err != nil {
-		t.Fatalf("new runtime: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := rt.Close(); err != nil {
-			t.Errorf("close runtime: %v", err)
-		}
-	})
+	e := &env{t: t, ctrd: ctrd, net: n, ctx: namespaces.WithNamespace(ctx, testNamespace)}
+	e.rt = e.connect()
 	raw, err := ctrd.NewClient(testNamespace)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { raw.Close() })
-	e := &env{t: t, ctrd: ctrd, rt: rt, raw: raw, ctx: namespaces.WithNamespace(ctx, testNamespace)}
+	e.raw = raw
 	e.importImage(ociimage.Options{Name: testImage})
 	return e
+}
+
+// config is the runtime configuration of the test's agent.
+func (e *env) config() Config {
+	cfg := Config{Address: e.ctrd.Address(), Namespace: testNamespace}
+	if e.net != nil {
+		cfg.Network = &NetworkConfig{
+			PluginDirs: []string{e.net.PluginDir}, Bridge: e.net.Bridge, Subnet: e.net.Subnet,
+			RunDir: e.net.RunDir, StateDir: e.net.StateDir,
+		}
+	}
+	if e.tweak != nil {
+		e.tweak(&cfg)
+	}
+	return cfg
+}
+
+// connect opens a runtime client (a new agent process, as far as
+// containerd can tell), closed by the test's cleanups.
+func (e *env) connect() *Containerd {
+	e.t.Helper()
+	rt, err := NewContainerd(context.Background(), e.config())
+	if err != nil {
+		e.t.Fatalf("new runtime: %v", err)
+	}
+	e.t.Cleanup(func() {
+		if err := rt.Close(); err != nil {
+			e.t.Errorf("close runtime: %v", err)
+		}
+	})
+	return rt
 }
 
 func (e *env) importImage(opts ociimage.Options) {
@@ -153,6 +194,9 @@ func (e *env) readLog(path, marker string) string {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// waitBriefly paces a poll.
+func (e *env) waitBriefly() { time.Sleep(20 * time.Millisecond) }
 
 func (e *env) stop(id string, grace time.Duration) {
 	e.t.Helper()

@@ -164,14 +164,16 @@ func (e *env) shimPids() []int {
 // TestLeaseCyclesLeaveNothingBehind: a lease's life on the node is
 // Create, Start, Stop, and an agent runs thousands; any per-cycle leak (a
 // snapshot, a containerd lease, a shim, a bundle, runc state, a cgroup, a
-// mount) would grow without bound. After many cycles the namespace and
-// the host hold exactly what they held before the first.
+// mount, a network namespace, a veth, an address, a NAT rule) would grow
+// without bound. After many cycles, two in three on the bridge network,
+// the namespace and the host hold exactly what they held before the
+// first.
 func TestLeaseCyclesLeaveNothingBehind(t *testing.T) {
 	cycles := 200
 	if testing.Short() {
 		cycles = 20
 	}
-	e := newEnv(t)
+	e := newNetEnv(t)
 	// The image's layers stay unpacked between leases: unpack them before
 	// the baseline so that what remains is only what cycles left.
 	img, err := e.raw.GetImage(e.ctx, testImage)
@@ -194,6 +196,9 @@ func TestLeaseCyclesLeaveNothingBehind(t *testing.T) {
 			ID: id, LeaseID: id, Tenant: "tenant-a", Image: testImage, Args: []string{"true"},
 			LogPath: filepath.Join(logDir, id+".log"),
 			Device:  tenantPartition(),
+		}
+		if i%3 != 2 {
+			s.Network = NetworkBridge
 		}
 		if _, err := e.rt.Create(ctx, s); err != nil {
 			t.Fatalf("cycle %d: create: %v", i, err)
@@ -219,6 +224,11 @@ func TestLeaseCyclesLeaveNothingBehind(t *testing.T) {
 	}
 	if left := e.hostLeftovers(ids); len(left) > 0 {
 		t.Errorf("%d host resource(s) left after %d cycles, e.g. %q", len(left), cycles, left[:min(len(left), 5)])
+	}
+	// Network namespace files, veths on the bridge, host-local address
+	// files, CNI result caches and per-container NAT rules.
+	if left := e.net.Leftovers(); len(left) > 0 {
+		t.Errorf("%d network resource(s) left after %d cycles, e.g. %q", len(left), cycles, left[:min(len(left), 5)])
 	}
 	// A shim exits shortly after its last task is deleted.
 	deadline := time.Now().Add(3 * time.Second)

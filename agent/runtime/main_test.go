@@ -15,5 +15,6 @@ func TestMain(m *testing.M) {
 		// The package's own containerd namespace: its empty parent
 		// cgroups and runc state go with the package.
 		_ = harness.RemoveNamespaceDirs(testNamespace)
+		_ = harness.RemoveBuilt()
 	}))
 }

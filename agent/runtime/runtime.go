@@ -6,6 +6,7 @@ package runtime
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"time"
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
@@ -48,6 +49,10 @@ type Spec struct {
 	// Device is the GPU partition the container is bound to; its device
 	// nodes are the only GPU nodes in the container.
 	Device gpu.MIGDevice
+	// Network is how the container reaches the network; the zero value is
+	// NetworkNone (loopback only). NetworkBridge needs a runtime with a
+	// network configured.
+	Network NetworkMode
 }
 
 // Limits are the lease's resource limits; zero means the runtime default.
@@ -83,6 +88,14 @@ type Status struct {
 	// CgroupPath is the task's cgroup v2 directory (absolute), where
 	// isolation programs attach.
 	CgroupPath string
+	// Network is the container's network mode, and IP its address on the
+	// bridge network (invalid in NetworkNone).
+	Network NetworkMode
+	IP      netip.Addr
+	// OOMKilled: the kernel's OOM killer killed a process of the container
+	// (its memory limit was reached). Read from the task's memory cgroup,
+	// so it is known until the task is deleted, across agent restarts.
+	OOMKilled bool
 }
 
 // Runtime creates, observes and removes tenant containers. Every method is
@@ -108,4 +121,14 @@ type Runtime interface {
 	List(ctx context.Context) ([]Status, error)
 	// Close releases the client connection; containers keep running.
 	Close() error
+}
+
+// NetworkSweeper is implemented by a runtime whose containers hold network
+// resources outside containerd (network namespaces, CNI attachments,
+// address allocations).
+type NetworkSweeper interface {
+	// SweepNetwork releases the network resources of every container that
+	// no longer exists (deleted behind the runtime's back, or lost to a
+	// crash or a reboot) and returns their ids.
+	SweepNetwork(ctx context.Context) ([]string, error)
 }

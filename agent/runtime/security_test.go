@@ -117,6 +117,8 @@ type tenantHooks struct {
 	// started runs right after Start; what it returns runs after the
 	// container has exited.
 	started func(id string) (done func())
+	// network is the container's network mode (NetworkNone if zero).
+	network NetworkMode
 }
 
 // runTenant runs script in a hardened container bound to tenantPartition,
@@ -127,6 +129,7 @@ func (e *env) runTenant(script string, env []string, h tenantHooks) probeResults
 	s := e.spec("sh", "-c", probePrelude+script+"\necho END\n")
 	s.Device = tenantPartition()
 	s.Env = append(s.Env, env...)
+	s.Network = h.network
 	e.create(s)
 	e.t.Cleanup(func() { e.stop(s.ID, 0) })
 	if h.created != nil {
@@ -556,6 +559,49 @@ tail -n +2 /proc/net/tcp | while read sl local rest; do echo "socket=$local"; do
 	}
 	if n := accepted.Load(); n != 0 {
 		t.Errorf("the host listener accepted %d connection(s) from the container", n)
+	}
+}
+
+// TestTenantBridgeContainerCannotReachTheHostNamespace: on the bridge
+// network a tenant has a route to the host (the gateway), but still no
+// way into the host's network namespace: it sees only its own lo and
+// eth0, not the host's interfaces or sockets, and a listener bound to the
+// host's loopback is unreachable through 127.0.0.1 (the container's own
+// loopback), through the gateway and through the host's other addresses
+// (refused: nothing listens there). What a host service bound to every
+// address exposes on the gateway is the eBPF egress fence's to deny (the
+// host is on every lease's base deny list; see agent/lease).
+func TestTenantBridgeContainerCannotReachTheHostNamespace(t *testing.T) {
+	e := newNetEnv(t)
+	port, host := reservePort(t)
+	hostIP := hostIPv4()
+	r := e.runTenant(`
+echo "interfaces=$(ls /sys/class/net | tr '\n' ' ')"
+check loopback nc -w 2 127.0.0.1 $HOST_PORT
+check gateway nc -w 2 $GATEWAY $HOST_PORT
+if [ -n "$HOST_IP" ]; then check host-address nc -w 2 $HOST_IP $HOST_PORT; fi
+tail -n +2 /proc/net/tcp | while read sl local rest; do echo "socket=$local"; done
+`, []string{"HOST_PORT=" + strconv.Itoa(port), "HOST_IP=" + hostIP, "GATEWAY=" + e.net.Gateway().String()},
+		tenantHooks{network: NetworkBridge})
+	want := map[string]string{
+		"interfaces": "eth0 lo ",
+		"loopback":   "ECONNREFUSED",
+		"gateway":    "ECONNREFUSED",
+	}
+	if hostIP != "" {
+		want["host-address"] = "ECONNREFUSED"
+	}
+	// Only its own two: the eth0 there is the veth's container end (the
+	// host may have an eth0 of its own; it is not this one).
+	r.expect(t, want)
+	suffix := fmt.Sprintf(":%04X", port)
+	for _, s := range r["socket"] {
+		if strings.HasSuffix(s, suffix) {
+			t.Errorf("the host's listener is visible in the container: %s", s)
+		}
+	}
+	if peers := host.peers(); len(peers) != 0 {
+		t.Errorf("the host's loopback listener accepted connections from %v", peers)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/gpuaas/gpuaas/agent/runtime/logfile"
 	"github.com/gpuaas/gpuaas/agent/session"
@@ -63,6 +64,52 @@ func collect(t *testing.T, s *fakeStream, id string) (data []byte, last *agentv1
 	}
 }
 
+type answer struct {
+	data []byte
+	last *agentv1.LogChunk
+}
+
+// collectConcurrent awaits every chunk of each request id, up to the one
+// with eof, whatever the order the answers interleave in.
+func collectConcurrent(t *testing.T, s *fakeStream, ids ...string) map[string]answer {
+	t.Helper()
+	deadline := time.Now().Add(waitFor)
+	for {
+		out := map[string]answer{}
+		for _, m := range s.all() {
+			ch := m.GetLogChunk()
+			if ch == nil {
+				continue
+			}
+			a, ok := out[ch.GetRequestId()]
+			if ok && a.last != nil {
+				t.Fatalf("chunk after the last one for %s", ch.GetRequestId())
+			}
+			if len(ch.GetData()) > session.MaxLogChunk {
+				t.Fatalf("chunk of %d bytes", len(ch.GetData()))
+			}
+			a.data = append(a.data, ch.GetData()...)
+			if ch.GetEof() {
+				a.last = ch
+			}
+			out[ch.GetRequestId()] = a
+		}
+		done := true
+		for _, id := range ids {
+			if out[id].last == nil {
+				done = false
+			}
+		}
+		if done {
+			return out
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no complete answer to every one of %v", ids)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func TestLogRequestsAreAnsweredInChunksBetweenHeartbeats(t *testing.T) {
 	pki := devPKI(t)
 	cp := startFakeControlPlane(t, pki, pki.ControlPlane, "127.0.0.1:0")
@@ -81,14 +128,16 @@ func TestLogRequestsAreAnsweredInChunksBetweenHeartbeats(t *testing.T) {
 		t.Fatalf("got %d bytes in %d chunks (truncated %v, error %q), want the %d-byte log", len(data), chunks, last.GetTruncated(), last.GetError(), len(want))
 	}
 
-	// Tail and limit, answered concurrently and told apart by id.
+	// Tail and limit, answered concurrently and told apart by id: their
+	// chunks may interleave in any order.
 	s.push(logRequest("tail", logLease, 1000, 0))
 	s.push(logRequest("limit", logLease, 0, 100<<10))
-	tail, tl, _ := collect(t, s, "tail")
+	got := collectConcurrent(t, s, "tail", "limit")
+	tail, tl := got["tail"].data, got["tail"].last
 	if !tl.GetTruncated() || len(tail) > 1000 || !bytes.HasSuffix(want, tail) || len(tail) == 0 {
 		t.Fatalf("tail: %d bytes, truncated %v", len(tail), tl.GetTruncated())
 	}
-	limited, ll, _ := collect(t, s, "limit")
+	limited, ll := got["limit"].data, got["limit"].last
 	if !ll.GetTruncated() || len(limited) > 100<<10 || !bytes.HasPrefix(want, limited) {
 		t.Fatalf("limit: %d bytes, truncated %v", len(limited), ll.GetTruncated())
 	}

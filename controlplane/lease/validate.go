@@ -7,6 +7,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/gpuaas/gpuaas/pkg/egress"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/mig"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
@@ -32,12 +33,6 @@ const (
 	MaxPids           = 1 << 20
 	MaxEgressAllow    = 64
 )
-
-// metadataPrefixes are cloud metadata endpoints; no lease may allow them.
-var metadataPrefixes = []netip.Prefix{
-	netip.MustParsePrefix("169.254.169.254/32"),
-	netip.MustParsePrefix("fd00:ec2::254/128"),
-}
 
 var (
 	nameRE   = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -181,12 +176,8 @@ func validateWorkload(w *leasev1.Workload) error {
 		if err != nil || p != p.Masked() {
 			return errs.InvalidArgument("spec.workload.egress_allow", "entry %d: %q is not a canonical CIDR prefix", i, truncate(c, 64))
 		}
-		for _, m := range metadataPrefixes {
-			// A broader prefix is fine: the agent's longest-prefix match
-			// keeps the more specific metadata deny.
-			if p.Overlaps(m) && p.Bits() >= m.Bits() {
-				return errs.InvalidArgument("spec.workload.egress_allow", "entry %d: %s covers the cloud metadata endpoint %s, which is never allowed", i, p, m)
-			}
+		if m, ok := egress.CoversMetadata(p); ok {
+			return errs.InvalidArgument("spec.workload.egress_allow", "entry %d: %s covers the cloud metadata endpoint %s, which is never allowed", i, p, m)
 		}
 	}
 	r := w.GetResources()

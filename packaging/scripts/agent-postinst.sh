@@ -14,7 +14,7 @@ case "$1" in
 esac
 
 install -d -m 0700 -o root -g root /var/lib/gpuaas-agent
-install -d -m 0750 -o root -g root /etc/gpuaas
+[ -d /etc/gpuaas ] || install -d -m 0750 -o root -g root /etc/gpuaas
 chmod 0640 /etc/gpuaas/agent.yaml
 
 if [ -d /run/systemd/system ]; then

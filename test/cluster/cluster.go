@@ -46,6 +46,16 @@ type Options struct {
 	StopGrace time.Duration
 	// LogLevel of the daemons (default "info").
 	LogLevel string
+	// LogDriver is the agents' gpuaas-logdriver (absolute path, e.g. from
+	// harness.BuildBinary). Empty: the agent's default, the one in BinDir
+	// if there is one, else uncapped logs.
+	LogDriver string
+	// WorkloadAPI, if set, is a SPIFFE Workload API address (a SPIRE
+	// agent's socket): the control plane and every agent take their SVIDs
+	// from it instead of the development PKI, and Operator is the
+	// operator identity Dial presents.
+	WorkloadAPI string
+	Operator    identity.Source
 }
 
 // Proc is one daemon process.
@@ -83,12 +93,15 @@ type Cluster struct {
 
 	// MetricsAddr is each agent's Prometheus endpoint (host:port).
 	MetricsAddr map[string]string
+	// Networks are the agents' bridge networks, one per node (a bridge
+	// and a subnet of its own), removed at Close.
+	Networks map[string]*harness.Network
 
 	mu     sync.Mutex
 	cp     *Proc
 	agents map[string]*Proc
 	conns  []*grpc.ClientConn
-	srcs   []*identity.FileSource
+	srcs   []*identity.FileSource // closed by Close
 }
 
 // Start brings up containerd, the PKI, the control plane and every agent.
@@ -99,7 +112,7 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if opts.StopGrace == 0 {
 		opts.StopGrace = 2 * time.Second
 	}
-	c := &Cluster{opts: opts, Dir: opts.Dir, agents: map[string]*Proc{}, Namespace: harness.UniqueID("gpuaas")}
+	c := &Cluster{opts: opts, Dir: opts.Dir, agents: map[string]*Proc{}, Namespace: harness.UniqueID("gpuaas"), Networks: map[string]*harness.Network{}}
 	if c.Dir == "" {
 		if c.Dir, err = os.MkdirTemp("", "gpuaas-e2e-"); err != nil {
 			return nil, err
@@ -205,14 +218,10 @@ func (c *Cluster) StartControlPlane(ctx context.Context) error {
 	cfg := fmt.Sprintf(`listen: %q
 data_dir: %q
 trust_domain: %s
-svid:
-  cert: %q
-  key: %q
-  bundle: %q
-tick_interval: 200ms
+%stick_interval: 200ms
 log:
   level: %s
-`, c.CPAddr, c.CPDataDir(), TrustDomain, c.PKI.ControlPlane.CertPath, c.PKI.ControlPlane.KeyPath, c.PKI.BundlePath, c.opts.LogLevel)
+`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.opts.LogLevel)
 	p, err := c.start("controlplane", "gpuaas-controlplane", filepath.Join(c.Dir, "controlplane.yaml"), cfg)
 	if err != nil {
 		return err
@@ -232,21 +241,43 @@ log:
 	})
 }
 
+// svidYAML is a daemon's svid section: the Workload API when the cluster
+// uses one, else the development PKI files f.
+func (c *Cluster) svidYAML(f identity.SVIDFiles) string {
+	if c.opts.WorkloadAPI != "" {
+		return fmt.Sprintf("svid:\n  workload_api: %q\n", c.opts.WorkloadAPI)
+	}
+	return fmt.Sprintf("svid:\n  cert: %q\n  key: %q\n  bundle: %q\n", f.CertPath, f.KeyPath, c.PKI.BundlePath)
+}
+
 // StartAgent starts (or restarts) a node's agent.
 func (c *Cluster) StartAgent(ctx context.Context, node string) error {
+	c.mu.Lock()
+	n := c.Networks[node]
+	c.mu.Unlock()
+	if n == nil {
+		var err error
+		if n, err = harness.NewNetwork(); err != nil {
+			return fmt.Errorf("network of %s: %w", node, err)
+		}
+		// The agent keeps its address allocations under its data dir.
+		n.StateDir = filepath.Join(c.AgentDataDir(node), "network")
+		c.mu.Lock()
+		c.Networks[node] = n
+		c.mu.Unlock()
+	}
+	logs := ""
+	if c.opts.LogDriver != "" {
+		logs = fmt.Sprintf("logs:\n  driver: %q\n", c.opts.LogDriver)
+	}
 	var gpus strings.Builder
 	for _, m := range c.opts.Agents[node] {
 		fmt.Fprintf(&gpus, "      - model: %s\n        mig_enabled: true\n", m)
 	}
-	f := c.PKI.Agents[node]
 	cfg := fmt.Sprintf(`node: %s
 control_plane: %q
 trust_domain: %s
-svid:
-  cert: %q
-  key: %q
-  bundle: %q
-data_dir: %q
+%sdata_dir: %q
 containerd:
   address: %q
   namespace: %s
@@ -263,10 +294,16 @@ stop_grace: %s
 isolation:
   pin_root: %q
 metrics_listen: %q
-log:
+network:
+  bridge: %s
+  subnet: %s
+  plugin_dirs: [%q]
+  run_dir: %q
+%slog:
   level: %s
-`, node, c.CPAddr, TrustDomain, f.CertPath, f.KeyPath, c.PKI.BundlePath, c.AgentDataDir(node), c.Containerd.Address(), c.Namespace, filepath.Join(c.AgentDataDir(node), "cdi"),
-		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.opts.LogLevel)
+`, node, c.CPAddr, TrustDomain, c.svidYAML(c.PKI.Agents[node]), c.AgentDataDir(node), c.Containerd.Address(), c.Namespace, filepath.Join(c.AgentDataDir(node), "cdi"),
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node],
+		n.Bridge, n.Subnet, n.PluginDir, n.RunDir, logs, c.opts.LogLevel)
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {
 		return err
@@ -317,19 +354,28 @@ func (c *Cluster) StopAgent(node string, kill bool) error {
 // Dial returns an operator connection to the control plane.
 func (c *Cluster) Dial(ctx context.Context) (*grpc.ClientConn, error) {
 	td := spiffeid.RequireTrustDomainFromString(TrustDomain)
-	f := c.PKI.Operators["admin"]
-	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{CertPath: f.CertPath, KeyPath: f.KeyPath, BundlePath: c.PKI.BundlePath, TrustDomain: td})
-	if err != nil {
-		return nil, err
+	var src identity.Source = c.opts.Operator
+	var fsrc *identity.FileSource
+	if src == nil {
+		f := c.PKI.Operators["admin"]
+		var err error
+		if fsrc, err = identity.NewFileSource(ctx, identity.FileSourceConfig{CertPath: f.CertPath, KeyPath: f.KeyPath, BundlePath: c.PKI.BundlePath, TrustDomain: td}); err != nil {
+			return nil, err
+		}
+		src = fsrc
 	}
 	conn, err := grpc.NewClient(c.CPAddr, grpc.WithTransportCredentials(identity.ClientCredentials(src, tlsconfig.AuthorizeID(identity.ControlPlaneID(td)))))
 	if err != nil {
-		src.Close()
+		if fsrc != nil {
+			fsrc.Close()
+		}
 		return nil, err
 	}
 	c.mu.Lock()
 	c.conns = append(c.conns, conn)
-	c.srcs = append(c.srcs, src)
+	if fsrc != nil {
+		c.srcs = append(c.srcs, fsrc)
+	}
 	c.mu.Unlock()
 	return conn, nil
 }
@@ -430,6 +476,11 @@ func (c *Cluster) Close() error {
 	// Fences outlive their agent by design; the cluster's go with it.
 	for node := range c.opts.Agents {
 		errs = append(errs, os.RemoveAll(c.PinRoot(node)))
+	}
+	// So do the networks of the containers containerd's close removed
+	// (namespace files, NAT rules, addresses), and the bridges.
+	for _, n := range c.Networks {
+		errs = append(errs, n.Remove())
 	}
 	if c.ownDir {
 		errs = append(errs, os.RemoveAll(c.Dir))

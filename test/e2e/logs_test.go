@@ -189,7 +189,7 @@ func runLoggingContainer(t *testing.T, driver, path, script string) {
 		t.Fatal(err)
 	}
 	defer ctr.Delete(context.WithoutCancel(ctx), containerd.WithSnapshotCleanup)
-	task, err := ctr.NewTask(ctx, cio.BinaryIO(driver, map[string]string{"--file": path, "--max-bytes": "65536", "--max-files": "2"}))
+	task, err := ctr.NewTask(ctx, cio.BinaryIO(driver, map[string]string{"--file": path, "--max-bytes": "524288", "--max-files": "2"}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,17 +240,19 @@ func TestLeaseLogsFromAContainerToGpuaasctl(t *testing.T) {
 	}
 	id := resp.GetLease().GetId()
 
-	// More output than the two 64 KiB files keep.
+	// More output than the two 512 KiB files keep, yet more kept than one
+	// stream can run ahead of the other (a pipe buffer of short lines plus
+	// the driver's queue), so both streams' last lines are in it.
 	path := filepath.Join(logDir, id+".log")
 	runLoggingContainer(t, filepath.Join(bin, "gpuaas-logdriver"), path,
-		"i=0; while [ $i -lt 4000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; echo last")
+		"i=0; while [ $i -lt 20000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done; echo last")
 	var want []byte
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		want, _, err = logfile.Read(path, 0, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if bytes.Contains(want, []byte(" stdout F last\n")) && bytes.Contains(want, []byte(" stderr F err 3999\n")) {
+		if bytes.Contains(want, []byte(" stdout F last\n")) && bytes.Contains(want, []byte(" stderr F err 19999\n")) {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -25,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/gpuaas/gpuaas/agent/doctor"
 	"github.com/gpuaas/gpuaas/agent/gpu"
 	"github.com/gpuaas/gpuaas/agent/gpu/health"
 	"github.com/gpuaas/gpuaas/agent/gpu/nvml"
@@ -39,6 +40,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/mig"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
+	"github.com/gpuaas/gpuaas/pkg/sdnotify"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -97,6 +99,37 @@ type Config struct {
 			ConfigName string `yaml:"config_name"`
 		} `yaml:"static"`
 	} `yaml:"mig"`
+	// Network is the CNI bridge network leases join (each in a network
+	// namespace of its own; a lease may ask for none instead).
+	Network struct {
+		// Disabled turns bridge networking off: leases asking for a
+		// network (the default) then fail; NETWORK_MODE_NONE leases run.
+		Disabled bool `yaml:"disabled"`
+		// Bridge is the host's bridge device (default gpuaas0) and Subnet
+		// the IPv4 prefix leases take addresses from (default
+		// 10.213.0.0/16; the first address is the bridge's).
+		Bridge string `yaml:"bridge"`
+		Subnet string `yaml:"subnet"`
+		// PluginDirs hold the CNI plugins (bridge, host-local, portmap,
+		// loopback); default /usr/lib/cni, /opt/cni/bin.
+		PluginDirs []string `yaml:"plugin_dirs"`
+		// RunDir holds the leases' network namespace files (default
+		// /run/gpuaas/netns). Address allocations live under
+		// data_dir/network.
+		RunDir string `yaml:"run_dir"`
+
+		cfg *runtime.NetworkConfig
+	} `yaml:"network"`
+	// Logs bounds each lease's stdout and stderr log: max_files files of
+	// at most max_bytes, written by the log driver the shim runs.
+	Logs struct {
+		// Driver is the gpuaas-logdriver binary (absolute path). Default:
+		// gpuaas-logdriver next to the agent's executable; without one
+		// there, the shim writes an uncapped log (with a warning).
+		Driver   string `yaml:"driver"`
+		MaxBytes int64  `yaml:"max_bytes"`
+		MaxFiles int    `yaml:"max_files"`
+	} `yaml:"logs"`
 	// MetricsListen serves Prometheus metrics at /metrics (host:port);
 	// empty turns it off.
 	MetricsListen string          `yaml:"metrics_listen"`
@@ -191,6 +224,12 @@ func (c *Config) Validate() error {
 	if !filepath.IsAbs(c.Isolation.PinRoot) {
 		return config.FieldError("isolation.pin_root", "must be an absolute path")
 	}
+	if err := c.validateNetwork(); err != nil {
+		return err
+	}
+	if err := c.validateLogs(); err != nil {
+		return err
+	}
 	if c.StopGrace == 0 {
 		c.StopGrace = config.Duration(10 * time.Second)
 	}
@@ -203,9 +242,92 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// validateNetwork checks the network section and builds the runtime's
+// network configuration from it (nil when disabled).
+func (c *Config) validateNetwork() error {
+	n := &c.Network
+	if n.Disabled {
+		if n.Bridge != "" || n.Subnet != "" || len(n.PluginDirs) > 0 || n.RunDir != "" {
+			return config.FieldError("network", "settings given with disabled: true")
+		}
+		return nil
+	}
+	nc := runtime.NetworkConfig{Bridge: n.Bridge, PluginDirs: n.PluginDirs, RunDir: n.RunDir, StateDir: filepath.Join(c.DataDir, "network")}
+	if n.Subnet != "" {
+		p, err := netip.ParsePrefix(n.Subnet)
+		if err != nil {
+			return config.FieldError("network.subnet", "%v", err)
+		}
+		nc.Subnet = p
+	}
+	if err := nc.Validate(); err != nil {
+		key := "network"
+		switch msg := err.Error(); {
+		case strings.HasPrefix(msg, "bridge"):
+			key = "network.bridge"
+		case strings.HasPrefix(msg, "subnet"):
+			key = "network.subnet"
+		case strings.Contains(msg, "run dir"):
+			key = "network.run_dir"
+		case strings.HasPrefix(msg, "CNI plugin"):
+			key = "network.plugin_dirs"
+		}
+		return config.FieldError(key, "%v", err)
+	}
+	n.cfg = &nc
+	return nil
+}
+
+// validateLogs checks the logs section and fills in its defaults.
+func (c *Config) validateLogs() error {
+	l := &c.Logs
+	if l.Driver != "" && !filepath.IsAbs(l.Driver) {
+		return config.FieldError("logs.driver", "must be an absolute path")
+	}
+	if l.MaxBytes == 0 {
+		l.MaxBytes = runtime.DefaultLogMaxBytes
+	}
+	if l.MaxFiles == 0 {
+		l.MaxFiles = runtime.DefaultLogMaxFiles
+	}
+	if l.MaxBytes < 4<<10 || l.MaxBytes > 1<<30 {
+		return config.FieldError("logs.max_bytes", "must be between 4096 and 1073741824")
+	}
+	if l.MaxFiles < 1 || l.MaxFiles > 100 {
+		return config.FieldError("logs.max_files", "must be between 1 and 100")
+	}
+	return nil
+}
+
+// logDriver is the log driver to use: the configured one, else
+// gpuaas-logdriver next to the agent's executable if it is there ("" if
+// not: the shim then writes an uncapped log).
+func logDriver(cfg *Config, log *slog.Logger) string {
+	if cfg.Logs.Driver != "" {
+		return cfg.Logs.Driver
+	}
+	exe, err := os.Executable()
+	if err == nil {
+		p := filepath.Join(filepath.Dir(exe), "gpuaas-logdriver")
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+			return p
+		}
+	}
+	log.Warn("no gpuaas-logdriver next to the agent and none configured (logs.driver): lease logs are not capped")
+	return ""
+}
+
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "doctor" {
+		os.Exit(doctorMain(os.Args[2:]))
+	}
 	cfgPath := flag.String("config", "/etc/gpuaas/agent.yaml", "configuration file")
 	showVersion := flag.Bool("version", false, "print the version and exit")
+	checkConfig := flag.Bool("check-config", false, "validate the configuration file and exit (0: valid)")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: gpuaas-agent [-config FILE] [-check-config] [-version]\n       gpuaas-agent doctor [-config FILE] [-json]\n")
+		flag.PrintDefaults()
+	}
 	flag.Parse()
 	if *showVersion {
 		fmt.Println("gpuaas-agent", version)
@@ -216,6 +338,10 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gpuaas-agent:", err)
 		os.Exit(2)
 	}
+	if *checkConfig {
+		fmt.Println("gpuaas-agent: configuration", *cfgPath, "is valid")
+		return
+	}
 	log := sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON).With("node", cfg.Node)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -225,11 +351,34 @@ func main() {
 	}
 }
 
+// doctorMain runs `gpuaas-agent doctor`: every host prerequisite checked
+// against the configuration, findings on stdout, exit code 0 (all good),
+// 1 (warnings) or 2 (failures; also a configuration that does not load).
+func doctorMain(args []string) int {
+	fs := flag.NewFlagSet("doctor", flag.ContinueOnError)
+	cfgPath := fs.String("config", "/etc/gpuaas/agent.yaml", "configuration file")
+	asJSON := fs.Bool("json", false, "print the findings as JSON")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var cfg Config
+	if err := config.Load(*cfgPath, &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "gpuaas-agent doctor:", err)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rs := doctor.Run(ctx, doctorInputs(&cfg))
+	if err := doctor.Write(os.Stdout, rs, *asJSON); err != nil {
+		fmt.Fprintln(os.Stderr, "gpuaas-agent doctor:", err)
+		return 2
+	}
+	return doctor.ExitCode(rs)
+}
+
 func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	// Fail closed: no identity, no work.
-	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{
-		CertPath: cfg.SVID.Cert, KeyPath: cfg.SVID.Key, BundlePath: cfg.SVID.Bundle, TrustDomain: cfg.td, Logger: log,
-	})
+	src, err := identity.Open(ctx, cfg.SVID, cfg.td, log)
 	if err != nil {
 		return err
 	}
@@ -239,7 +388,11 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return err
 	}
 	if svid, err := src.GetX509SVID(); err != nil || svid.ID != self {
-		return fmt.Errorf("svid %s does not identify node %s (want %s)", cfg.SVID.Cert, cfg.Node, self)
+		got := "none"
+		if svid != nil {
+			got = svid.ID.String()
+		}
+		return fmt.Errorf("the SVID (%s) does not identify node %s (want %s)", got, cfg.Node, self)
 	}
 
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
@@ -258,7 +411,9 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer j.Close()
 	rt, err := runtime.NewContainerd(ctx, runtime.Config{Address: cfg.Containerd.Address, Namespace: cfg.Containerd.Namespace, CDISpecDir: cfg.Containerd.CDISpecDir,
-		Images: runtime.ImagePolicy{AllowedRegistries: cfg.Images.AllowedRegistries, RequireDigest: cfg.Images.RequireDigest}})
+		Images:    runtime.ImagePolicy{AllowedRegistries: cfg.Images.AllowedRegistries, RequireDigest: cfg.Images.RequireDigest},
+		Network:   cfg.Network.cfg,
+		LogDriver: logDriver(cfg, log), LogMaxBytes: cfg.Logs.MaxBytes, LogMaxFiles: cfg.Logs.MaxFiles})
 	if err != nil {
 		return err
 	}
@@ -364,7 +519,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			defer enf.Close()
 			opts.Fencer = enf
 			fencerP.Store(enf)
-			if opts.BaseDeny, err = baseDeny(cfg.ControlPlane); err != nil {
+			if opts.BaseDeny, err = baseDeny(cfg.ControlPlane, leaseSubnet(cfg)...); err != nil {
 				return err
 			}
 			go auditDenials(ctx, enf, j, metrics, log)
@@ -381,6 +536,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Address: cfg.ControlPlane, Node: cfg.Node, AgentVersion: version,
 		Creds:    identity.ClientCredentials(src, tlsconfig.AuthorizeID(cpID)),
 		Executor: exec, Journal: j, Logger: log,
+		Logs: session.FileLogs{Dir: logDir},
 		Inventory: func(ctx context.Context) (*nodev1.Inventory, error) {
 			inv, err := partition.Inventory(ctx, backend)
 			if err == nil {
@@ -392,6 +548,27 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	log.Info("agent starting", "version", version, "control_plane", cfg.ControlPlane, "backend", cfg.GPU.Backend)
 	done := make(chan error, 1)
 	go func() { done <- exec.Run(ctx) }()
+	// The watchdog is fed while the journal (every decision goes through
+	// it) still answers: a wedged agent stops the pings and systemd
+	// restarts it; tenants keep running (KillMode=process).
+	var live sdnotify.Liveness
+	go func() {
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			if _, _, err := j.Desired(); err == nil {
+				live.Beat()
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	go sdnotify.Watchdog(ctx, &live, 20*time.Second, log)
+	sdnotify.Ready("node " + cfg.Node + ", control plane " + cfg.ControlPlane)
+	defer sdnotify.Stopping()
 	if err := client.Run(ctx); err != nil {
 		return err
 	}
@@ -412,8 +589,8 @@ func newBackend(cfg *Config) (gpu.Backend, error) {
 // baseDeny is every lease's egress deny list: the default list (metadata,
 // private and special ranges), the host's own addresses and the control
 // plane's.
-func baseDeny(controlPlane string) ([]netip.Prefix, error) {
-	deny := isolation.DefaultDenyPrefixes()
+func baseDeny(controlPlane string, extra ...netip.Prefix) ([]netip.Prefix, error) {
+	deny := append(isolation.DefaultDenyPrefixes(), extra...)
 	host, err := isolation.HostAddresses()
 	if err != nil {
 		return nil, fmt.Errorf("host addresses: %w", err)
@@ -429,6 +606,20 @@ func baseDeny(controlPlane string) ([]netip.Prefix, error) {
 		deny = append(deny, netip.PrefixFrom(a, a.BitLen()))
 	}
 	return deny, nil
+}
+
+// leaseSubnet is the bridge network's subnet, whatever its range: leases
+// on it reach neither each other nor the gateway (the host) unless their
+// egress_allow says so. None without a network.
+func leaseSubnet(cfg *Config) []netip.Prefix {
+	n := cfg.Network.cfg
+	if n == nil {
+		return nil
+	}
+	if n.Subnet.IsValid() {
+		return []netip.Prefix{n.Subnet}
+	}
+	return []netip.Prefix{runtime.DefaultSubnet}
 }
 
 // auditDenials turns the fences' deny events into aggregated, rate-limited

@@ -59,7 +59,7 @@ func TestDriverUnderContainerdShim(t *testing.T) {
 	}
 
 	id := harness.UniqueID("logdriver")
-	script := "i=0; while [ $i -lt 3000 ]; do echo \"out $i padding-padding-padding\"; echo \"err $i\" >&2; i=$((i+1)); done; echo done"
+	script := "i=0; while [ $i -lt 8000 ]; do echo \"out $i padding-padding-padding\"; echo \"err $i\" >&2; i=$((i+1)); done; echo done"
 	ctr, err := cl.NewContainer(ctx, id, client.WithSnapshotter(snap), client.WithNewSnapshot(id, img),
 		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("sh", "-c", script)))
 	if err != nil {
@@ -68,7 +68,7 @@ func TestDriverUnderContainerdShim(t *testing.T) {
 	defer ctr.Delete(context.WithoutCancel(ctx), client.WithSnapshotCleanup)
 
 	path := filepath.Join(t.TempDir(), "logs", "l-aaaaaaaaaaaaaaaaaaaa.log")
-	task, err := ctr.NewTask(ctx, cio.BinaryIO(bin, map[string]string{"--file": path, "--max-bytes": "65536", "--max-files": "2"}))
+	task, err := ctr.NewTask(ctx, cio.BinaryIO(bin, map[string]string{"--file": path, "--max-bytes": "262144", "--max-files": "2"}))
 	if err != nil {
 		t.Fatalf("new task through the log driver: %v", err)
 	}
@@ -96,7 +96,7 @@ func TestDriverUnderContainerdShim(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if strings.Contains(string(data), " stdout F done\n") && strings.Contains(string(data), " stderr F err 2999\n") {
+		if strings.Contains(string(data), " stdout F done\n") && strings.Contains(string(data), " stderr F err 7999\n") {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -123,7 +123,7 @@ func TestDriverUnderContainerdShim(t *testing.T) {
 			}
 		}
 	}
-	if !sawErr || !strings.Contains(string(data), " stderr F err 2999\n") || !strings.Contains(string(data), " stdout F out 2999 padding") {
+	if !sawErr || !strings.Contains(string(data), " stderr F err 7999\n") || !strings.Contains(string(data), " stdout F out 7999 padding") {
 		t.Fatal("the last lines of both streams are missing")
 	}
 }

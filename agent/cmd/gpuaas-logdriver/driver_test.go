@@ -120,7 +120,12 @@ func (s *shimRun) waitReady(t *testing.T) []byte {
 
 func TestDriverRotatesAndKeepsBothStreamsWholeLines(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "logs", "l-aaaaaaaaaaaaaaaaaaaa.log")
-	const maxBytes, maxFiles = 64 << 10, 3
+	// The streams reach the driver through separate pipes, so one can run
+	// ahead of the other by a pipe buffer plus the queue (about 230 KB of
+	// records here): what is kept must hold more than that for both
+	// streams' last lines to be in it, and much less than what is written
+	// (about 900 KB) so rotation happens.
+	const maxBytes, maxFiles = 128 << 10, 3
 	s := startDriver(t, "--max-files", strconv.Itoa(maxFiles), "--file", path, "--max-bytes", strconv.Itoa(maxBytes))
 	if got := s.waitReady(t); !bytes.Equal(got, []byte{1}) {
 		t.Fatalf("ready pipe got %q before closing", got)

@@ -238,9 +238,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{
-		CertPath: cfg.SVID.Cert, KeyPath: cfg.SVID.Key, BundlePath: cfg.SVID.Bundle, TrustDomain: cfg.td, Logger: log,
-	})
+	src, err := identity.Open(ctx, cfg.SVID, cfg.td, log)
 	if err != nil {
 		return err
 	}

@@ -1,12 +1,15 @@
 // Command demo runs gpuaas end to end on this machine and narrates it: a
 // private containerd, the control plane and one agent with two simulated
 // GPUs, three leases of different profiles from request to running
-// container, one cancelled, one expired, one that finishes on its own, the
-// audit log verified, and everything cleaned up. `make demo` runs it.
+// container (each in a network namespace of its own on the agent's CNI
+// bridge, with its address printed), one cancelled, one expired, one that
+// finishes on its own, the audit log verified, and everything cleaned up.
+// `make demo` runs it.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -25,7 +28,7 @@ func main() {
 	bin := flag.String("bin", "bin", "directory with the built binaries")
 	keep := flag.Bool("keep", false, "keep the demo directory (logs, state) afterwards")
 	flag.Parse()
-	if err := harness.CheckRoot(harness.ContainerdComponents...); err != nil {
+	if err := errors.Join(harness.CheckRoot(harness.ContainerdComponents...), harness.CheckNetwork()); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
@@ -100,7 +103,7 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	}
 
 	step("creating three leases of different profiles")
-	loop := "echo hello from $(hostname) on $NVIDIA_VISIBLE_DEVICES as uid $(id -u); echo cloud metadata: $(nc -w 2 169.254.169.254 80 </dev/null 2>&1); i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done"
+	loop := "echo hello from $(hostname) on $NVIDIA_VISIBLE_DEVICES as uid $(id -u); echo network: $(ls /sys/class/net | tr '\\n' ' ')address $(ip -4 -o addr show dev eth0 | awk '{print $4}'); echo cloud metadata: $(nc -w 2 169.254.169.254 80 </dev/null 2>&1); i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done"
 	type demoLease struct{ name, id string }
 	var leases []demoLease
 	start := time.Now()
@@ -129,6 +132,15 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 		latencies = append(latencies, fmt.Sprintf("%s %s", l.name, time.Since(start).Round(time.Millisecond)))
 	}
 	step("all three RUNNING (request to running container: %s)", strings.Join(latencies, ", "))
+	n := c.Networks["node-a"]
+	fmt.Printf("each in a network namespace of its own on bridge %s (subnet %s, NAT to the outside, eBPF egress fence):\n", n.Bridge, n.Subnet)
+	for _, l := range leases {
+		ip, err := leaseIP(ctx, lc, l.id)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("  %-10s %s  ip %s\n", l.name, l.id, ip)
+	}
 	if _, err := ctl("lease", "list"); err != nil {
 		return err
 	}
@@ -176,6 +188,26 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	fmt.Printf("  %s", verify)
 	fmt.Printf("  total demo time so far: %s\n", time.Since(t0).Round(100*time.Millisecond))
 	return nil
+}
+
+// leaseIP waits for the lease's reported address (the agent reports it
+// with the container; the control plane may show RUNNING a report
+// earlier).
+func leaseIP(ctx context.Context, lc leasev1.LeaseServiceClient, id string) (string, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := lc.GetLease(ctx, &leasev1.GetLeaseRequest{Id: id})
+		if err != nil {
+			return "", err
+		}
+		if ip := resp.GetLease().GetStatus().GetIp(); ip != "" {
+			return ip, nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("lease %s reports no address", id)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func lastLines(s string, n int) string {
