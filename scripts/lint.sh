@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's static gates: gofmt, go vet, buf lint, and generated code
+# The project's static gates: gofmt, go vet, staticcheck, buf lint, and generated code
 # that matches its .proto sources.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ if [ -n "$unformatted" ]; then
   echo "lint: gofmt would change:"; echo "$unformatted"; fail=1
 fi
 go vet ./... || fail=1
+SC_VERSION=$(awk '$1=="honnef.co/go/tools" {print $2}' tools/staticcheck/go.mod)
+".cache/bin/staticcheck-$SC_VERSION/staticcheck" ./... || { echo "lint: staticcheck failed"; fail=1; }
 (cd proto && ../.cache/bin/buf lint) || { echo "lint: buf lint failed"; fail=1; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 OUT="$tmp" scripts/gen-proto.sh

@@ -217,7 +217,8 @@ func TestHostAddresses(t *testing.T) {
 }
 
 func TestCookieIsStablePerLease(t *testing.T) {
-	if cookieOf("l-a") != cookieOf("l-a") || cookieOf("l-a") == cookieOf("l-b") {
+	a1, a2 := cookieOf("l-a"), cookieOf("l-a")
+	if a1 != a2 || a1 == cookieOf("l-b") {
 		t.Error("cookie not a stable per-lease value")
 	}
 }

@@ -31,8 +31,8 @@ type StateCollector struct {
 	st       store.Store
 	sessions func() int
 
-	leases, nodes, auditEntries, sessionsDesc, errorsDesc *prometheus.Desc
-	scrapeErrors                                          prometheus.Counter
+	leases, nodes, auditEntries, sessionsDesc *prometheus.Desc
+	scrapeErrors                              prometheus.Counter
 }
 
 // NewStateCollector returns a collector over st; sessions (optional) counts

@@ -38,6 +38,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -62,7 +63,8 @@ type BoltOptions struct {
 
 // Bolt is the embedded bbolt backend.
 type Bolt struct {
-	db *bolt.DB
+	db       *bolt.DB
+	readOnly bool
 }
 
 var _ Store = (*Bolt)(nil)
@@ -106,6 +108,28 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 		db.MaxBatchDelay = 2 * time.Millisecond
 	}
 	return &Bolt{db: db}, nil
+}
+
+// OpenBoltReadOnly opens an existing store without writing to it: no
+// schema upgrade, no bucket creation, a shared lock (ErrLocked while a
+// control plane holds the file), Update refused with ErrReadOnly. It is
+// how evidence is read (gpuaasctl audit verify): verifying a file never
+// changes it. A bucket the file's schema predates reads as empty.
+func OpenBoltReadOnly(path string, timeout time.Duration) (*Bolt, error) {
+	if timeout == 0 {
+		timeout = time.Second
+	}
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	if err := checkFile(path, timeout); err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	db, err := bolt.Open(path, 0o400, &bolt.Options{Timeout: timeout, ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", path, classifyOpenError(err))
+	}
+	return &Bolt{db: db, readOnly: true}, nil
 }
 
 func classifyOpenError(err error) error {
@@ -217,7 +241,7 @@ func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return b.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx}) })
+	return b.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx, lenient: b.readOnly}) })
 }
 
 // Update implements Store. Concurrent updates are committed together
@@ -226,17 +250,31 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return b.db.Batch(func(tx *bolt.Tx) error { return fn(boltTx{tx}) })
+	if b.readOnly {
+		return ErrReadOnly
+	}
+	return b.db.Batch(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx}) })
 }
 
 // Close implements Store.
 func (b *Bolt) Close() error { return b.db.Close() }
 
-type boltTx struct{ tx *bolt.Tx }
+// boltTx is a transaction; lenient (read-only opens of files an older
+// schema wrote) reads a known bucket the file lacks as empty.
+type boltTx struct {
+	tx      *bolt.Tx
+	lenient bool
+}
+
+// errAbsentBucket: a known bucket an older file does not have (lenient).
+var errAbsentBucket = errors.New("bucket absent from this file")
 
 func (t boltTx) bucket(name string) (*bolt.Bucket, error) {
 	bk := t.tx.Bucket([]byte(name))
 	if bk == nil {
+		if t.lenient && slices.Contains(Buckets, name) {
+			return nil, errAbsentBucket
+		}
 		return nil, fmt.Errorf("%w: %q", ErrUnknownBucket, name)
 	}
 	return bk, nil
@@ -244,6 +282,9 @@ func (t boltTx) bucket(name string) (*bolt.Bucket, error) {
 
 func (t boltTx) Get(bucket, key string) ([]byte, error) {
 	bk, err := t.bucket(bucket)
+	if errors.Is(err, errAbsentBucket) {
+		return nil, fmt.Errorf("%s/%s: %w", bucket, key, ErrNotFound)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -255,29 +296,32 @@ func (t boltTx) Get(bucket, key string) ([]byte, error) {
 }
 
 func (t boltTx) Put(bucket, key string, value []byte) error {
+	if !t.tx.Writable() {
+		return ErrReadOnly
+	}
 	bk, err := t.bucket(bucket)
 	if err != nil {
 		return err
-	}
-	if !t.tx.Writable() {
-		return ErrReadOnly
 	}
 	return bk.Put([]byte(key), bytes.Clone(value))
 }
 
 func (t boltTx) Delete(bucket, key string) error {
+	if !t.tx.Writable() {
+		return ErrReadOnly
+	}
 	bk, err := t.bucket(bucket)
 	if err != nil {
 		return err
-	}
-	if !t.tx.Writable() {
-		return ErrReadOnly
 	}
 	return bk.Delete([]byte(key))
 }
 
 func (t boltTx) Scan(bucket, prefix string, reverse bool, fn func(string, []byte) error) error {
 	bk, err := t.bucket(bucket)
+	if errors.Is(err, errAbsentBucket) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -288,7 +332,7 @@ func (t boltTx) Scan(bucket, prefix string, reverse bool, fn func(string, []byte
 		k, v = c.Seek(p)
 	} else {
 		// Position after the last key with the prefix.
-		k, v = c.Seek(prefixEnd(p))
+		k, _ = c.Seek(prefixEnd(p))
 		if k == nil {
 			k, v = c.Last()
 		} else {

@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	goruntime "runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -32,13 +31,12 @@ func ModuleRoot() (string, error) {
 	}
 }
 
-// goTool is the go command: on PATH, else the toolchain the test binary
-// was built with.
+// goTool is the go command: on PATH, else Go's standard install location.
 func goTool() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	return filepath.Join(goruntime.GOROOT(), "bin", "go")
+	return "/usr/local/go/bin/go"
 }
 
 // Build compiles the main package pkg, given relative to the module root

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,7 +15,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	bolt "go.etcd.io/bbolt"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc"
 
@@ -39,112 +36,17 @@ func auditCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-// openReadOnly opens a control plane state file without writing to it: no
-// schema upgrade, no bucket creation, a shared lock (so it fails with
-// store.ErrLocked while the control plane runs rather than touching a live
-// file). An auditor's evidence must not change by being verified.
+// openReadOnly opens a control plane state file without writing to it
+// (store.OpenBoltReadOnly): an auditor's evidence must not change by being
+// verified, and a file a running control plane holds is refused.
 func openReadOnly(path string) (store.Store, error) {
-	if _, err := os.Stat(path); err != nil {
-		return nil, fmt.Errorf("open state file: %w", err)
+	st, err := store.OpenBoltReadOnly(path, 2*time.Second)
+	if errors.Is(err, store.ErrLocked) {
+		return nil, fmt.Errorf("%w (stop the control plane or verify a copy)", err)
 	}
-	db, err := bolt.Open(path, 0o400, &bolt.Options{ReadOnly: true, Timeout: 2 * time.Second})
-	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
-			return nil, fmt.Errorf("open state file %s: %w (stop the control plane or verify a copy)", path, store.ErrLocked)
-		}
-		return nil, fmt.Errorf("open state file %s: %w", path, err)
-	}
-	return readOnlyBolt{db}, nil
+	return st, err
 }
 
-// readOnlyBolt is a store.Store over a bbolt file opened read-only.
-// store.OpenBolt always opens read-write (it upgrades the schema); if the
-// store package grows a read-only open, this goes.
-type readOnlyBolt struct{ db *bolt.DB }
-
-func (r readOnlyBolt) View(ctx context.Context, fn func(store.Tx) error) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	return r.db.View(func(tx *bolt.Tx) error { return fn(readOnlyTx{tx}) })
-}
-
-func (r readOnlyBolt) Update(context.Context, func(store.Tx) error) error { return store.ErrReadOnly }
-func (r readOnlyBolt) Close() error                                       { return r.db.Close() }
-
-type readOnlyTx struct{ tx *bolt.Tx }
-
-func (t readOnlyTx) bucket(name string) (*bolt.Bucket, error) {
-	b := t.tx.Bucket([]byte(name))
-	if b == nil {
-		return nil, fmt.Errorf("%w: %q (not in this file)", store.ErrUnknownBucket, name)
-	}
-	return b, nil
-}
-
-func (t readOnlyTx) Get(bucket, key string) ([]byte, error) {
-	b, err := t.bucket(bucket)
-	if err != nil {
-		return nil, err
-	}
-	v := b.Get([]byte(key))
-	if v == nil {
-		return nil, fmt.Errorf("%s/%s: %w", bucket, key, store.ErrNotFound)
-	}
-	return bytes.Clone(v), nil
-}
-
-func (t readOnlyTx) Put(string, string, []byte) error { return store.ErrReadOnly }
-func (t readOnlyTx) Delete(string, string) error      { return store.ErrReadOnly }
-
-func (t readOnlyTx) Scan(bucket, prefix string, reverse bool, fn func(string, []byte) error) error {
-	b, err := t.bucket(bucket)
-	if err != nil {
-		// A file from before the checkpoint buckets existed has none.
-		if bucket == store.BucketAuditCheckpoints || bucket == store.BucketAuditForward {
-			return nil
-		}
-		return err
-	}
-	c := b.Cursor()
-	p := []byte(prefix)
-	var k, v []byte
-	if !reverse {
-		k, v = c.Seek(p)
-	} else {
-		// Position on the last key with the prefix: before the first key
-		// past all of them.
-		end := bytes.Clone(p)
-		for len(end) > 0 && end[len(end)-1] == 0xff {
-			end = end[:len(end)-1]
-		}
-		if len(end) > 0 {
-			end[len(end)-1]++
-			k, v = c.Seek(end)
-		}
-		if k == nil {
-			k, v = c.Last()
-		} else {
-			k, v = c.Prev()
-		}
-	}
-	for k != nil && bytes.HasPrefix(k, p) {
-		if err := fn(string(k), bytes.Clone(v)); err != nil {
-			if errors.Is(err, store.ErrStopScan) {
-				return nil
-			}
-			return err
-		}
-		if reverse {
-			k, v = c.Prev()
-		} else {
-			k, v = c.Next()
-		}
-	}
-	return nil
-}
-
-// withDB runs fn on the state file opened read-only.
 func withDB(path string, fn func(store.Store) error) error {
 	st, err := openReadOnly(path)
 	if err != nil {
