@@ -1,7 +1,8 @@
 // Package session keeps the agent's one stream to the control plane: it
 // dials out over mTLS, says hello with the node's inventory, hands desired
 // state to the executor, sends observed state, heartbeats and the audit
-// outbox, and answers the control plane's requests for lease logs. It
+// outbox (each event signed as it is sent with the agent's current SVID),
+// and answers the control plane's requests for lease logs. It
 // reconnects with jittered exponential backoff; the executor keeps
 // enforcing the journaled state while it is away.
 package session
@@ -46,6 +47,16 @@ type Options struct {
 	Report    time.Duration
 	// MaxBackoff caps the reconnect delay (default 30s).
 	MaxBackoff time.Duration
+	// Signer signs each audit event as it is sent (pkg/auditsig with the
+	// agent's identity source, so each send uses the current SVID and
+	// follows rotations); nil sends events unsigned, which a control plane
+	// that requires signatures refuses.
+	Signer EventSigner
+}
+
+// EventSigner signs an audit event of node in place (auditsig.Signer).
+type EventSigner interface {
+	Sign(node string, e *agentv1.AuditEvent) error
 }
 
 // Client is the agent's side of the session.
@@ -181,6 +192,16 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 		if err != nil || len(events) == 0 {
 			auditInFlight = false
 			return err
+		}
+		if c.o.Signer != nil {
+			// The signature covers the event exactly as journaled; an
+			// unsigned send would only be refused, so a failure ends the
+			// session and the events wait in the outbox.
+			for _, e := range events {
+				if err := c.o.Signer.Sign(c.o.Node, e); err != nil {
+					return err
+				}
+			}
 		}
 		auditInFlight = true
 		return stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Audit{Audit: &agentv1.AuditEvents{Events: events}}})

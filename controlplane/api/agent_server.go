@@ -2,11 +2,16 @@ package api
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/proto"
 
@@ -15,6 +20,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/lease"
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
+	"github.com/gpuaas/gpuaas/pkg/auditsig"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
@@ -40,6 +46,50 @@ type AgentServer struct {
 	Logs *LogRelay
 	// HelloTimeout bounds the wait for the first message (default 10s).
 	HelloTimeout time.Duration
+	// Bundle verifies agent audit-event signatures made with an SVID other
+	// than the one the session presented (the agent signs with its current
+	// SVID, which rotates while a connection stays up); the control plane's
+	// identity source. Nil trusts only the session's own certificate.
+	Bundle x509bundle.Source
+	// RequireAgentSignatures refuses unsigned agent events like badly
+	// signed ones. Off, an unsigned event (an agent older than event
+	// signing, during a rolling upgrade) is still appended, marked
+	// details["agent_sig"]="absent"; a signature that is present is always
+	// verified, and a bad one is always refused.
+	RequireAgentSignatures bool
+}
+
+// agentPeer is the verified identity of a session's agent.
+type agentPeer struct {
+	node string
+	id   spiffeid.ID
+	// leaf is the certificate presented in the session's mTLS handshake
+	// (nil if the transport does not expose it).
+	leaf *x509.Certificate
+}
+
+// peerLeaf is the leaf certificate of a gRPC peer's TLS handshake.
+func peerLeaf(ctx context.Context) *x509.Certificate {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p == nil {
+		return nil
+	}
+	var state tls.ConnectionState
+	switch ai := p.AuthInfo.(type) {
+	case credentials.TLSInfo:
+		state = ai.State
+	case *credentials.TLSInfo:
+		if ai == nil {
+			return nil
+		}
+		state = ai.State
+	default:
+		return nil
+	}
+	if !state.HandshakeComplete || len(state.PeerCertificates) == 0 {
+		return nil
+	}
+	return state.PeerCertificates[0]
 }
 
 type recvResult struct {
@@ -122,6 +172,7 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 		return err
 	}
 	defer s.Fleet.Disconnect(context.WithoutCancel(ctx), sess)
+	ap := agentPeer{node: node, id: id, leaf: peerLeaf(ctx)}
 	// New capacity may let pending leases be placed.
 	if err := s.Leases.Tick(ctx); err != nil {
 		s.Log.Warn("tick after connect", "err", err)
@@ -177,14 +228,15 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 				}
 				continue
 			}
-			if err := s.handle(ctx, c, node, sess, stream, r.msg); err != nil {
+			if err := s.handle(ctx, c, ap, sess, stream, r.msg); err != nil {
 				return err
 			}
 		}
 	}
 }
 
-func (s *AgentServer) handle(ctx context.Context, c lease.Caller, node string, sess *fleet.Session, stream agentv1.AgentService_SessionServer, m *agentv1.SessionRequest) error {
+func (s *AgentServer) handle(ctx context.Context, c lease.Caller, ap agentPeer, sess *fleet.Session, stream agentv1.AgentService_SessionServer, m *agentv1.SessionRequest) error {
+	node := ap.node
 	switch msg := m.GetMsg().(type) {
 	case *agentv1.SessionRequest_Heartbeat:
 		return s.Fleet.Seen(ctx, sess, nil)
@@ -204,7 +256,7 @@ func (s *AgentServer) handle(ctx context.Context, c lease.Caller, node string, s
 		}
 		return stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_Ack{Ack: &agentv1.Ack{ObservedSequence: obs.GetSequence()}}})
 	case *agentv1.SessionRequest_Audit:
-		ids, err := s.appendAgentEvents(ctx, c, node, msg.Audit.GetEvents())
+		ids, err := s.appendAgentEvents(ctx, c, ap, msg.Audit.GetEvents())
 		if err != nil {
 			return err
 		}
@@ -219,8 +271,16 @@ func (s *AgentServer) handle(ctx context.Context, c lease.Caller, node string, s
 }
 
 // appendAgentEvents appends the agent's audit events with the agent as the
-// actor, once each (the agent resends until acked).
-func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, node string, events []*agentv1.AuditEvent) ([]string, error) {
+// actor, once each (the agent resends until acked). Each event's signature
+// must verify (auditsig) against a certificate of the session's own SPIFFE
+// ID: the session's certificate, or another SVID of the agent that chains
+// to the bundle (across a rotation). An event whose signature does not
+// verify is not appended: its refusal is, once, as agent.event.rejected
+// with the claim in the details, and the event is acked, so that the
+// agent's outbox drains; a refusal left unacked would be resent forever
+// and, past one batch of them, hold back every later event.
+func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, ap agentPeer, events []*agentv1.AuditEvent) ([]string, error) {
+	node := ap.node
 	if len(events) > maxAuditBatch {
 		return nil, errs.InvalidArgument("audit.events", "at most %d events a batch", maxAuditBatch)
 	}
@@ -232,16 +292,37 @@ func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, nod
 			return nil, errs.InvalidArgument("audit.events", "event %s is too large", e.GetId())
 		}
 	}
+	// Signatures are checked before the transaction, which may run again.
+	verified := make([]*auditsig.Verified, len(events))
+	sigErrs := make([]error, len(events))
+	now := time.Now()
+	for i, e := range events {
+		verified[i], sigErrs[i] = auditsig.Verify(e, auditsig.VerifyOptions{Node: node, ID: ap.id, PeerLeaf: ap.leaf, Bundle: s.Bundle, Now: now})
+	}
 	var ids []string
 	err := s.Store.Update(ctx, func(tx store.Tx) error {
 		ids = ids[:0]
-		for _, e := range events {
+		for i, e := range events {
 			key := "agent-event/" + node + "/" + e.GetId()
 			if _, err := tx.Get(store.BucketIdempotency, key); err == nil {
 				ids = append(ids, e.GetId())
 				continue
 			} else if !errors.Is(err, store.ErrNotFound) {
 				return err
+			}
+			sig, sigErr := "verified", sigErrs[i]
+			if errors.Is(sigErr, auditsig.ErrUnsigned) && !s.RequireAgentSignatures {
+				sig, sigErr = "absent", nil
+			}
+			if sigErr != nil {
+				if err := s.rejectAgentEvent(tx, c, node, e, sigErr); err != nil {
+					return err
+				}
+				if err := tx.Put(store.BucketIdempotency, key, []byte{1}); err != nil {
+					return err
+				}
+				ids = append(ids, e.GetId())
+				continue
 			}
 			details := map[string]string{}
 			for k, v := range e.GetDetails() {
@@ -250,6 +331,12 @@ func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, nod
 			// The server's own fields last: an agent cannot overwrite them.
 			details["node"], details["agent_event_id"] = node, e.GetId()
 			details["agent_time"] = e.GetTime().AsTime().UTC().Format(time.RFC3339Nano)
+			details["agent_sig"] = sig
+			if v := verified[i]; v != nil {
+				// Which SVID signed: an auditor can match it to the issuer's
+				// records.
+				details["agent_sig_cert_sha256"] = v.Fingerprint
+			}
 			res := e.GetResource()
 			if res == "" && e.GetLeaseId() != "" {
 				res = "lease/" + e.GetLeaseId()
@@ -282,6 +369,21 @@ func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, nod
 		return nil, fmt.Errorf("append agent audit events: %w", err)
 	}
 	return ids, nil
+}
+
+// rejectAgentEvent records, in tx, the refusal of an agent event whose
+// signature did not verify: the claim is kept in the details for an
+// auditor, under the control plane's own action, never as the agent's.
+func (s *AgentServer) rejectAgentEvent(tx store.Tx, c lease.Caller, node string, e *agentv1.AuditEvent, sigErr error) error {
+	reason := auditsig.Reason(sigErr)
+	s.Log.Warn("agent audit event refused", "node", node, "agent_event_id", e.GetId(), "reason", reason, "err", sigErr)
+	_, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Action: "agent.event.rejected", Resource: "node/" + node,
+		Outcome: auditlog.OutcomeDenied, Reason: "agent event signature: " + reason, Details: map[string]string{
+			"node": node, "agent_event_id": e.GetId(), "agent_sig": "rejected", "sig_error": truncate(sigErr.Error(), 256),
+			"claimed_action": truncate(e.GetAction(), 64), "claimed_resource": truncate(e.GetResource(), 256),
+			"claimed_outcome": truncate(e.GetOutcome(), 64), "claimed_lease_id": truncate(e.GetLeaseId(), 64),
+		}})
+	return err
 }
 
 // leaseNode is the node a lease is placed on ("" if none or unknown).

@@ -375,6 +375,34 @@ func TestLeaseEndToEnd(t *testing.T) {
 	if strings.Contains(list, "tok-secret-123") {
 		t.Error("secret env value in the audit log")
 	}
+	// Every event the agent reported carries its verified signature, and
+	// none was refused.
+	js, err := c.Ctl(ctx, "audit", "list", "--db", db, "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entries []struct {
+		Action  string            `json:"action"`
+		Details map[string]string `json:"details"`
+	}
+	if err := json.Unmarshal([]byte(js), &entries); err != nil {
+		t.Fatalf("audit list -o json: %v", err)
+	}
+	agentEvents := 0
+	for _, e := range entries {
+		if e.Action == "agent.event.rejected" {
+			t.Errorf("an agent event was refused: %v", e.Details)
+		}
+		if strings.HasPrefix(e.Action, "agent.") && e.Action != "agent.event.rejected" {
+			agentEvents++
+			if e.Details["agent_sig"] != "verified" {
+				t.Errorf("%s entry without a verified agent signature: %v", e.Action, e.Details)
+			}
+		}
+	}
+	if agentEvents == 0 {
+		t.Error("no agent events in the audit log")
+	}
 	for _, f := range []string{"controlplane.log", "agent-node-a.log"} {
 		b, _ := os.ReadFile(filepath.Join(c.Dir, f))
 		if strings.Contains(string(b), "tok-secret-123") {

@@ -36,6 +36,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/runtime"
 	"github.com/gpuaas/gpuaas/agent/session"
 	"github.com/gpuaas/gpuaas/agent/telemetry"
+	"github.com/gpuaas/gpuaas/pkg/auditsig"
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/mig"
@@ -536,7 +537,8 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Address: cfg.ControlPlane, Node: cfg.Node, AgentVersion: version,
 		Creds:    identity.ClientCredentials(src, tlsconfig.AuthorizeID(cpID)),
 		Executor: exec, Journal: j, Logger: log,
-		Logs: session.FileLogs{Dir: logDir},
+		Logs:   session.FileLogs{Dir: logDir},
+		Signer: auditsig.NewSigner(src),
 		Inventory: func(ctx context.Context) (*nodev1.Inventory, error) {
 			inv, err := partition.Inventory(ctx, backend)
 			if err == nil {

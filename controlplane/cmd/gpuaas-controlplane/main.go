@@ -139,6 +139,11 @@ type AuditConfig struct {
 	CheckpointInterval config.Duration `yaml:"checkpoint_interval"`
 	// Forward, if set, delivers signed batches to an upstream sink.
 	Forward *AuditForwardConfig `yaml:"forward"`
+	// AllowUnsignedAgentEvents admits audit events without an agent
+	// signature (recorded with agent_sig=absent), for a rolling upgrade
+	// from agents that do not sign. Off: unsigned events are refused and
+	// the refusal is audited.
+	AllowUnsignedAgentEvents bool `yaml:"allow_unsigned_agent_events"`
 }
 
 // AuditForwardConfig is the upstream audit sink.
@@ -279,7 +284,8 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	opts = append(opts, api.Limits{MaxRecvMsgSize: cfg.Edge.MaxRecvBytes, MaxConcurrentStreams: cfg.Edge.MaxConcurrentStreams}.ServerOptions()...)
 	srv := grpc.NewServer(opts...)
 	logs := &api.LogRelay{}
-	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: fl, Leases: leases, Store: st, Log: log, Logs: logs})
+	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: fl, Leases: leases, Store: st, Log: log, Logs: logs,
+		Bundle: src, RequireAgentSignatures: !cfg.Audit.AllowUnsignedAgentEvents})
 	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
 	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: fl, Leases: leases})
 

@@ -603,14 +603,23 @@ func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
 type AuditEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique per agent; the control plane deduplicates on it.
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
-	Action        string                 `protobuf:"bytes,3,opt,name=action,proto3" json:"action,omitempty"`
-	Resource      string                 `protobuf:"bytes,4,opt,name=resource,proto3" json:"resource,omitempty"`
-	Outcome       string                 `protobuf:"bytes,5,opt,name=outcome,proto3" json:"outcome,omitempty"`
-	Reason        string                 `protobuf:"bytes,6,opt,name=reason,proto3" json:"reason,omitempty"`
-	LeaseId       string                 `protobuf:"bytes,7,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	Details       map[string]string      `protobuf:"bytes,8,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Id       string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Time     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Action   string                 `protobuf:"bytes,3,opt,name=action,proto3" json:"action,omitempty"`
+	Resource string                 `protobuf:"bytes,4,opt,name=resource,proto3" json:"resource,omitempty"`
+	Outcome  string                 `protobuf:"bytes,5,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	Reason   string                 `protobuf:"bytes,6,opt,name=reason,proto3" json:"reason,omitempty"`
+	LeaseId  string                 `protobuf:"bytes,7,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	Details  map[string]string      `protobuf:"bytes,8,rep,name=details,proto3" json:"details,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The agent's signature over the event (fields 1-8) and its node id, made
+	// with the agent's current X509-SVID key: a DER SEQUENCE of the signer's
+	// certificate chain (leaf first) and the raw signature, as pkg/auditsig
+	// encodes it. The control plane appends only events whose signature
+	// verifies against a certificate of the session's own SPIFFE ID.
+	Signature []byte `protobuf:"bytes,9,opt,name=signature,proto3" json:"signature,omitempty"`
+	// The signature algorithm, e.g. "ecdsa-p256-sha256"; it must match the
+	// signer certificate's key type.
+	SignatureAlg  string `protobuf:"bytes,10,opt,name=signature_alg,json=signatureAlg,proto3" json:"signature_alg,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -699,6 +708,20 @@ func (x *AuditEvent) GetDetails() map[string]string {
 		return x.Details
 	}
 	return nil
+}
+
+func (x *AuditEvent) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *AuditEvent) GetSignatureAlg() string {
+	if x != nil {
+		return x.SignatureAlg
+	}
+	return ""
 }
 
 // AuditEvents is a batch of audit events.
@@ -1101,7 +1124,7 @@ const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\vupdate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\";\n" +
 	"\tHeartbeat\x12.\n" +
-	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xcd\x02\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x90\x03\n" +
 	"\n" +
 	"AuditEvent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
@@ -1111,7 +1134,10 @@ const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\aoutcome\x18\x05 \x01(\tR\aoutcome\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12\x19\n" +
 	"\blease_id\x18\a \x01(\tR\aleaseId\x12B\n" +
-	"\adetails\x18\b \x03(\v2(.gpuaas.agent.v1.AuditEvent.DetailsEntryR\adetails\x1a:\n" +
+	"\adetails\x18\b \x03(\v2(.gpuaas.agent.v1.AuditEvent.DetailsEntryR\adetails\x12\x1c\n" +
+	"\tsignature\x18\t \x01(\fR\tsignature\x12#\n" +
+	"\rsignature_alg\x18\n" +
+	" \x01(\tR\fsignatureAlg\x1a:\n" +
 	"\fDetailsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"B\n" +
