@@ -53,6 +53,9 @@ type rigOptions struct {
 	// mtlsOnly requires a client certificate at the handshake (a listener
 	// only agents and operator services use).
 	mtlsOnly bool
+	// log, if set, receives every log line of the servers (default:
+	// discarded).
+	log *slog.Logger
 	// interceptor, if set, runs before the edge's own (benchmarks).
 	interceptor grpc.UnaryServerInterceptor
 }
@@ -98,7 +101,10 @@ func newRig(t testing.TB, o rigOptions) *rig {
 		t.Fatal(err)
 	}
 	counted := &countingStore{Store: st}
-	log := slog.New(slog.DiscardHandler)
+	log := o.log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	src, err := identity.NewFileSource(context.Background(), identity.FileSourceConfig{CertPath: pki.ControlPlane.CertPath, KeyPath: pki.ControlPlane.KeyPath, BundlePath: pki.BundlePath, TrustDomain: pki.TrustDomain})
 	if err != nil {
 		t.Fatal(err)
