@@ -154,8 +154,8 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 	if hello.GetNodeId() != node {
 		// An agent may speak only for its own node.
 		aerr := s.Store.Update(ctx, func(tx store.Tx) error {
-			_, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Action: "session.hello", Resource: "node/" + node,
-				Outcome: auditlog.OutcomeDenied, Reason: "hello claims another node", Details: map[string]string{"claimed": truncate(hello.GetNodeId(), 64)}})
+			_, err := audit.Append(tx, audit.FromContext(ctx, auditlog.Entry{Actor: c.ID, Action: "session.hello", Resource: "node/" + node,
+				Outcome: auditlog.OutcomeDenied, Reason: "hello claims another node", Details: map[string]string{"claimed": truncate(hello.GetNodeId(), 64)}}))
 			return err
 		})
 		if aerr != nil {
@@ -355,7 +355,7 @@ func (s *AgentServer) appendAgentEvents(ctx context.Context, c lease.Caller, ap 
 						Outcome: auditlog.OutcomeDenied, Reason: "agent event about a lease not on its node", Details: map[string]string{"node": node, "agent_event_id": e.GetId(), "claimed_action": truncate(e.GetAction(), 64)}}
 				}
 			}
-			if _, err := audit.Append(tx, entry); err != nil {
+			if _, err := audit.Append(tx, audit.FromContext(ctx, entry)); err != nil {
 				return err
 			}
 			if err := tx.Put(store.BucketIdempotency, key, []byte{1}); err != nil {

@@ -182,8 +182,8 @@ func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
 	if x.Claimed != "" {
 		details["claimed_id"] = truncate(x.Claimed, 256)
 	}
-	e := auditlog.Entry{Time: now, Actor: actor, Tenant: x.Tenant, Action: ActionDenied, Resource: "rpc:" + truncate(x.Method, 128),
-		Outcome: auditlog.OutcomeDenied, Reason: reason, RequestID: x.RequestID, Details: details}
+	e := audit.FromContext(ctx, auditlog.Entry{Time: now, Actor: actor, Tenant: x.Tenant, Action: ActionDenied, Resource: "rpc:" + truncate(x.Method, 128),
+		Outcome: auditlog.OutcomeDenied, Reason: reason, RequestID: x.RequestID, Details: details})
 	d.mu.Lock()
 	d.pending = append(d.pending, e)
 	d.mu.Unlock()

@@ -3,7 +3,8 @@
 // (authentication from the peer's SPIFFE ID or an OIDC bearer token,
 // per-method authorization by role and scope, tenant confinement,
 // per-identity rate limits, default deadlines, audited denials, panic
-// recovery, canonical errors, logging). A method not listed in the
+// recovery, canonical errors, logging, tracing with one request id per
+// call). A method not listed in the
 // authorization table is refused: deny by default. Authentication and
 // authorization run before any handler, so a refused call never reaches
 // the store.
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -96,6 +98,13 @@ type Authorizer struct {
 	// UnaryTimeout is the deadline of a unary call that has none, and the
 	// longest one a caller may ask for; 0: none.
 	UnaryTimeout time.Duration
+	// Tracer traces every call (NewTracerProvider); nil: no spans (the
+	// calls still get request ids). TrustTraceParent makes a caller's
+	// W3C traceparent the parent of the call's span; by default it is
+	// only linked, so callers cannot choose the trace id audit entries
+	// record.
+	Tracer           trace.TracerProvider
+	TrustTraceParent bool
 }
 
 type callerKey struct{}
@@ -292,32 +301,35 @@ func (a Authorizer) operatorAllowed(id spiffeid.ID) bool {
 	return false
 }
 
+// requestID is the call's request id (beginCall); outside the edge's
+// interceptors, the caller's if well-formed.
 func requestID(ctx context.Context) string {
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get("x-request-id"); len(v) > 0 && len(v[0]) <= 64 {
-			return strings.Map(func(r rune) rune {
-				if r < 0x21 || r > 0x7e {
-					return -1
-				}
-				return r
-			}, v[0])
-		}
+	if id := RequestIDFrom(ctx); id != "" {
+		return id
 	}
-	return ""
+	id, _ := incomingRequestID(ctx)
+	return id
 }
 
 // Unary returns the unary interceptor chain.
 func (a Authorizer) Unary(log *slog.Logger) grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	return func(rctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
 		start := time.Now()
-		markReached(ctx)
+		markReached(rctx)
+		ctx := beginCall(rctx, func(id string) {
+			// Outside a served call (a benchmark) there is no header to
+			// set; the id still names the call everywhere else.
+			if grpc.ServerTransportStreamFromContext(rctx) != nil {
+				_ = grpc.SetHeader(rctx, metadata.MD{RequestIDHeader: {id}})
+			}
+		})
 		who := ""
 		defer func() {
 			if p := recover(); p != nil {
-				log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+				log.ErrorContext(ctx, "panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 				err = errs.New(errs.ErrInternal, "INTERNAL", "internal error")
 			}
-			err = finish(log, who, info.FullMethod, start, err)
+			err = finish(ctx, log, who, info.FullMethod, start, err)
 		}()
 		actx, r := a.admit(ctx, info.FullMethod, func(md metadata.MD) { _ = grpc.SetTrailer(ctx, md) })
 		if r != nil {
@@ -348,18 +360,19 @@ func (a Authorizer) Stream(log *slog.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
 		start := time.Now()
 		markReached(ss.Context())
+		ctx := beginCall(ss.Context(), func(id string) { _ = ss.SetHeader(metadata.MD{RequestIDHeader: {id}}) })
 		who := ""
 		defer func() {
 			if p := recover(); p != nil {
-				log.Error("panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+				log.ErrorContext(ctx, "panic in handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 				err = errs.New(errs.ErrInternal, "INTERNAL", "internal error")
 			}
-			err = finish(log, who, info.FullMethod, start, err)
+			err = finish(ctx, log, who, info.FullMethod, start, err)
 		}()
-		actx, r := a.admit(ss.Context(), info.FullMethod, ss.SetTrailer)
+		actx, r := a.admit(ctx, info.FullMethod, ss.SetTrailer)
 		if r != nil {
 			who = r.actor
-			a.refused(ss.Context(), info.FullMethod, r)
+			a.refused(ctx, info.FullMethod, r)
 			return r.err
 		}
 		who = principalID(actx)
@@ -369,15 +382,21 @@ func (a Authorizer) Stream(log *slog.Logger) grpc.StreamServerInterceptor {
 	}
 }
 
-// ServerOptions returns the interceptors and the stats handler that audits
+// ServerOptions returns the interceptors, the stats handler that audits
 // calls refused by the transport before they reach an interceptor (an
-// oversized message).
+// oversized message), and with a Tracer the one that starts every call's
+// span. log should be built on CorrelatedHandler, so the call's lines
+// carry its request id.
 func (a Authorizer) ServerOptions(log *slog.Logger) []grpc.ServerOption {
-	return []grpc.ServerOption{
+	opts := []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(a.Unary(log)),
 		grpc.ChainStreamInterceptor(a.Stream(log)),
 		grpc.StatsHandler(&transportRefusals{denials: a.Denials}),
 	}
+	if a.Tracer != nil {
+		opts = append(opts, tracingOption(a.Tracer, a.TrustTraceParent))
+	}
+	return opts
 }
 
 func principalID(ctx context.Context) string {
@@ -396,38 +415,48 @@ var refusalLogs = rate.NewLimiter(20, 100)
 // refusing a call without credentials allocates next to nothing.
 var noCredentialsStatus = errs.ToStatus(errNoCredentials)
 
-// finish logs the call and turns err into its canonical status. who is the
-// caller's verified identity, "" if none.
-func finish(log *slog.Logger, who, method string, start time.Time, err error) error {
+// finish logs the call, records its outcome on its span and turns err
+// into its canonical status, which carries the call's request id. who is
+// the caller's verified identity, "" if none.
+// noCredentialsErr is the prebuilt refusal of a call without credentials.
+var noCredentialsErr = noCredentialsStatus.Err()
+
+func finish(ctx context.Context, log *slog.Logger, who, method string, start time.Time, err error) error {
+	reqID := RequestIDFrom(ctx)
 	if err == errNoCredentials { //nolint:errorlint // identity: the shared sentinel value
+		endCall(ctx, who, codes.Unauthenticated, errNoCredentials.Reason)
 		if refusalLogs.Allow() {
-			log.Warn("rpc refused", "method", method, "code", codes.Unauthenticated.String(), "peer", who, "reason", errNoCredentials.Reason)
+			log.WarnContext(ctx, "rpc refused", "method", method, "code", codes.Unauthenticated.String(), "peer", who, "reason", errNoCredentials.Reason)
 		}
-		return noCredentialsStatus.Err()
+		// The cheapest refusal: a prebuilt status (its request id went out
+		// in the response header), so an unauthenticated flood costs no
+		// more than it must.
+		return noCredentialsErr
 	}
-	st := errs.ToStatus(err)
+	st := errs.ToStatusFor(err, reqID)
+	endCall(ctx, who, st.Code(), errs.ReasonOf(err))
 	if err == nil {
-		if log.Enabled(context.Background(), slog.LevelDebug) {
-			log.Debug("rpc", "method", method, "code", st.Code().String(), "duration", time.Since(start), "peer", who)
+		if log.Enabled(ctx, slog.LevelDebug) {
+			log.DebugContext(ctx, "rpc", "method", method, "code", st.Code().String(), "duration", time.Since(start), "peer", who)
 		}
 		return nil
 	}
 	attrs := []any{"method", method, "code", st.Code().String(), "duration", time.Since(start), "peer", who, "reason", errs.ReasonOf(err), "err", err}
 	switch st.Code() {
 	case codes.Internal, codes.Unknown, codes.DataLoss, codes.Unavailable:
-		log.Error("rpc failed", attrs...)
+		log.ErrorContext(ctx, "rpc failed", attrs...)
 	case codes.PermissionDenied, codes.Unauthenticated:
 		if refusalLogs.Allow() {
-			log.Warn("rpc refused", attrs...)
+			log.WarnContext(ctx, "rpc refused", attrs...)
 		}
 	default:
 		if errs.ReasonOf(err) == "RATE_LIMITED" {
 			if refusalLogs.Allow() {
-				log.Warn("rpc refused", attrs...)
+				log.WarnContext(ctx, "rpc refused", attrs...)
 			}
 			break
 		}
-		log.Info("rpc failed", attrs...)
+		log.InfoContext(ctx, "rpc failed", attrs...)
 	}
 	return st.Err()
 }

@@ -194,8 +194,8 @@ func (s *LeaseServer) auditLogs(ctx context.Context, c lease.Caller, req *leasev
 		details["node"] = node
 	}
 	return s.Store.Update(context.WithoutCancel(ctx), func(tx store.Tx) error {
-		_, err := audit.Append(tx, auditlog.Entry{Actor: c.ID, Tenant: tenant, Action: "lease.logs",
-			Resource: "lease/" + truncate(req.GetLeaseId(), 64), Outcome: outcome, Reason: reason, RequestID: c.RequestID, Details: details})
+		_, err := audit.Append(tx, audit.FromContext(ctx, auditlog.Entry{Actor: c.ID, Tenant: tenant, Action: "lease.logs",
+			Resource: "lease/" + truncate(req.GetLeaseId(), 64), Outcome: outcome, Reason: reason, RequestID: c.RequestID, Details: details}))
 		return err
 	})
 }

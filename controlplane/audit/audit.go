@@ -106,6 +106,42 @@ func Append(tx store.Tx, e auditlog.Entry) (auditlog.Entry, error) {
 	return e, nil
 }
 
+// Correlation names the call an entry records: the request id that also
+// appears in the call's logs and errors, and the trace id of its span.
+type Correlation struct {
+	RequestID string
+	TraceID   string
+}
+
+type correlationKey struct{}
+
+// NewContext returns ctx carrying the correlation of the call it serves;
+// the API edge sets it once per call.
+func NewContext(ctx context.Context, c Correlation) context.Context {
+	return context.WithValue(ctx, correlationKey{}, c)
+}
+
+// CorrelationFrom returns the correlation ctx carries, zero if none.
+func CorrelationFrom(ctx context.Context) Correlation {
+	c, _ := ctx.Value(correlationKey{}).(Correlation)
+	return c
+}
+
+// FromContext returns e with its RequestID and TraceID taken from the
+// call ctx serves, where e does not set them. Every entry written while
+// serving a call passes through it, so the entry can be found from the
+// call's logs, errors and trace.
+func FromContext(ctx context.Context, e auditlog.Entry) auditlog.Entry {
+	c := CorrelationFrom(ctx)
+	if e.RequestID == "" {
+		e.RequestID = c.RequestID
+	}
+	if e.TraceID == "" {
+		e.TraceID = c.TraceID
+	}
+	return e
+}
+
 // loadTree reads the stored compact range, which must be of size want.
 func loadTree(tx store.Tx, want uint64) (*auditlog.Tree, error) {
 	raw, err := tx.Get(store.BucketMeta, keyTree)

@@ -167,11 +167,13 @@ func setPhase(l *leasev1.Lease, to leasev1.Phase, reason string, now time.Time) 
 
 func short(p leasev1.Phase) string { return strings.TrimPrefix(p.String(), "PHASE_") }
 
-func (s *Service) audit(tx store.Tx, c Caller, l *leasev1.Lease, action, outcome, reason string, details map[string]string) error {
-	_, err := audit.Append(tx, auditlog.Entry{
+// audit appends the entry of an operation on l, correlated with the call
+// ctx serves (if any).
+func (s *Service) audit(ctx context.Context, tx store.Tx, c Caller, l *leasev1.Lease, action, outcome, reason string, details map[string]string) error {
+	_, err := audit.Append(tx, audit.FromContext(ctx, auditlog.Entry{
 		Time: s.now(), Actor: c.ID, Tenant: l.GetSpec().GetTenant(), Action: action,
 		Resource: "lease/" + l.GetId(), Outcome: outcome, Reason: reason, RequestID: c.RequestID, Details: details,
-	})
+	}))
 	return err
 }
 
@@ -279,7 +281,7 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		if p := l.GetPlacement(); p != nil {
 			details["node"], details["gpu"], details["placement"] = p.GetNode(), p.GetGpuUuid(), fmt.Sprintf("%d:%d", p.GetStart(), p.GetSize())
 		}
-		if err := s.audit(tx, c, l, "lease.create", auditlog.OutcomeSuccess, "", details); err != nil {
+		if err := s.audit(ctx, tx, c, l, "lease.create", auditlog.OutcomeSuccess, "", details); err != nil {
 			return err
 		}
 		out, created = l, true
@@ -409,7 +411,7 @@ func (s *Service) mutate(ctx context.Context, c Caller, id, action string, fn fu
 		if err := putLease(tx, l, prev, now); err != nil {
 			return err
 		}
-		return s.audit(tx, c, l, action, auditlog.OutcomeSuccess, l.GetReason(), details)
+		return s.audit(ctx, tx, c, l, action, auditlog.OutcomeSuccess, l.GetReason(), details)
 	})
 	if err != nil {
 		return nil, err
@@ -515,7 +517,7 @@ func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *a
 				return err
 			}
 			if l.GetPlacement().GetNode() != node {
-				if err := s.audit(tx, agent, l, "lease.observe", auditlog.OutcomeDenied, "agent reported a lease of another node", map[string]string{"node": node}); err != nil {
+				if err := s.audit(ctx, tx, agent, l, "lease.observe", auditlog.OutcomeDenied, "agent reported a lease of another node", map[string]string{"node": node}); err != nil {
 					return err
 				}
 				continue
@@ -548,7 +550,7 @@ func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *a
 				if to == leasev1.Phase_PHASE_FAILED {
 					outcome = auditlog.OutcomeFailure
 				}
-				if err := s.audit(tx, agent, l, "lease."+strings.ToLower(short(to)), outcome, o.GetReason(), d); err != nil {
+				if err := s.audit(ctx, tx, agent, l, "lease."+strings.ToLower(short(to)), outcome, o.GetReason(), d); err != nil {
 					return err
 				}
 			}
@@ -645,7 +647,7 @@ func (s *Service) tickChunk(ctx context.Context, nodes []NodeView) (int, error) 
 			if err := putLease(tx, l, prev, now); err != nil {
 				return err
 			}
-			if err := s.audit(tx, System, l, action, auditlog.OutcomeSuccess, l.GetReason(), map[string]string{"node": l.GetPlacement().GetNode()}); err != nil {
+			if err := s.audit(ctx, tx, System, l, action, auditlog.OutcomeSuccess, l.GetReason(), map[string]string{"node": l.GetPlacement().GetNode()}); err != nil {
 				return err
 			}
 			changed = append(changed, l)
@@ -700,7 +702,7 @@ func (s *Service) NodeLost(ctx context.Context, node, reason string) ([]*leasev1
 				if err := putLease(tx, l, prev, now); err != nil {
 					return err
 				}
-				if err := s.audit(tx, System, l, "lease.lost", auditlog.OutcomeFailure, reason, map[string]string{"node": node, "previous_phase": short(prev)}); err != nil {
+				if err := s.audit(ctx, tx, System, l, "lease.lost", auditlog.OutcomeFailure, reason, map[string]string{"node": node, "previous_phase": short(prev)}); err != nil {
 					return err
 				}
 				changed = append(changed, l)

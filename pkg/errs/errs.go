@@ -149,7 +149,11 @@ func Code(err error) codes.Code {
 
 // ToStatus converts err into the status sent to a caller. Only *Error
 // content crosses the boundary; everything else becomes "internal error".
-func ToStatus(err error) *status.Status {
+func ToStatus(err error) *status.Status { return ToStatusFor(err, "") }
+
+// ToStatusFor is ToStatus for the call with the request id: the status
+// also carries the id, as WithRequestID adds it.
+func ToStatusFor(err error, requestID string) *status.Status {
 	if err == nil {
 		return status.New(codes.OK, "")
 	}
@@ -157,13 +161,13 @@ func ToStatus(err error) *status.Status {
 	if !errors.As(err, &e) {
 		switch Code(err) {
 		case codes.Canceled:
-			return status.New(codes.Canceled, "request canceled")
+			return WithRequestID(status.New(codes.Canceled, "request canceled"), requestID)
 		case codes.DeadlineExceeded:
-			return status.New(codes.DeadlineExceeded, "deadline exceeded")
+			return WithRequestID(status.New(codes.DeadlineExceeded, "deadline exceeded"), requestID)
 		}
 		if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown && s.Code() != codes.Internal {
 			// Already a status made by a trusted layer (grpc itself).
-			return s
+			return WithRequestID(s, requestID)
 		}
 		e = &Error{Class: ErrInternal, Reason: "INTERNAL", Message: "internal error"}
 	}
@@ -175,6 +179,9 @@ func ToStatus(err error) *status.Status {
 	details := []protoadapt.MessageV1{&errdetails.ErrorInfo{Reason: e.Reason, Domain: Domain}}
 	if e.Field != "" && e.Class == ErrInvalidArgument {
 		details = append(details, &errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: e.Field, Description: e.Message}}})
+	}
+	if requestID != "" {
+		details = append(details, &errdetails.RequestInfo{RequestId: requestID})
 	}
 	if withDetails, derr := st.WithDetails(details...); derr == nil {
 		return withDetails
@@ -241,4 +248,35 @@ func init() {
 		class error
 		code  codes.Code
 	}{ErrUnimplemented, codes.Unimplemented})
+}
+
+// WithRequestID returns st with the request id of its call attached as a
+// RequestInfo detail, so a caller can quote the id that names the call in
+// the server's logs, traces and audit entries. An OK status, or an empty
+// id, is returned unchanged. An internal error thereby carries the request
+// id and nothing else.
+func WithRequestID(st *status.Status, requestID string) *status.Status {
+	if requestID == "" || st.Code() == codes.OK {
+		return st
+	}
+	withID, err := st.WithDetails(&errdetails.RequestInfo{RequestId: requestID})
+	if err != nil {
+		return st
+	}
+	return withID
+}
+
+// RequestIDOf returns the request id an error from a gRPC call carries
+// (see WithRequestID), or "" if it carries none.
+func RequestIDOf(err error) string {
+	s, ok := status.FromError(err)
+	if !ok {
+		return ""
+	}
+	for _, d := range s.Details() {
+		if ri, ok := d.(*errdetails.RequestInfo); ok {
+			return ri.GetRequestId()
+		}
+	}
+	return ""
 }

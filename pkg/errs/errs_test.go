@@ -95,3 +95,64 @@ func TestGRPCStatusPassesThrough(t *testing.T) {
 		t.Fatalf("unknown status must become internal, got %v", c)
 	}
 }
+
+func TestInternalErrorCarriesTheRequestIDAndNothingElse(t *testing.T) {
+	st := WithRequestID(ToStatus(errors.New("disk /var/lib/secret full")), "req-42")
+	if st.Code() != codes.Internal || st.Message() != "internal error" {
+		t.Fatalf("status = %v %q", st.Code(), st.Message())
+	}
+	err := st.Err()
+	if got := RequestIDOf(err); got != "req-42" {
+		t.Fatalf("request id = %q, want req-42", got)
+	}
+	for _, d := range st.Details() {
+		switch d := d.(type) {
+		case *errdetails.ErrorInfo:
+			if d.GetReason() != "INTERNAL" || len(d.GetMetadata()) != 0 {
+				t.Fatalf("error info leaks: %v", d)
+			}
+		case *errdetails.RequestInfo:
+			if d.GetServingData() != "" {
+				t.Fatalf("request info leaks: %v", d)
+			}
+		default:
+			t.Fatalf("unexpected detail %T", d)
+		}
+	}
+	if e := FromStatus(err); !errors.Is(e, ErrInternal) || ReasonOf(e) != "INTERNAL" {
+		t.Fatalf("FromStatus = %v reason %q", e, ReasonOf(e))
+	}
+}
+
+func TestWithRequestIDLeavesOKAndEmptyAlone(t *testing.T) {
+	if st := WithRequestID(ToStatus(nil), "req-1"); st.Code() != codes.OK || len(st.Details()) != 0 {
+		t.Fatalf("OK status got details: %v", st.Details())
+	}
+	st := ToStatus(NotFound("LEASE_NOT_FOUND", "no lease"))
+	if got := WithRequestID(st, ""); len(got.Details()) != len(st.Details()) || RequestIDOf(got.Err()) != "" {
+		t.Fatalf("empty id added a detail: %v", got.Details())
+	}
+	if RequestIDOf(errors.New("plain")) != "" || RequestIDOf(nil) != "" {
+		t.Fatal("a non-status error has no request id")
+	}
+}
+
+func TestToStatusForCarriesTheRequestIDOfEveryKindOfError(t *testing.T) {
+	for _, err := range []error{
+		InvalidArgument("spec.workload.image", "is required"),
+		errors.New("internal detail"),
+		context.Canceled,
+		status.Error(codes.ResourceExhausted, "grpc: received message larger than max"),
+	} {
+		st := ToStatusFor(err, "req-9")
+		if got := RequestIDOf(st.Err()); got != "req-9" {
+			t.Errorf("%v: request id %q", err, got)
+		}
+		if st.Code() != ToStatus(err).Code() || st.Message() != ToStatus(err).Message() {
+			t.Errorf("%v: %v %q differs from ToStatus", err, st.Code(), st.Message())
+		}
+	}
+	if ToStatusFor(nil, "req-9").Code() != codes.OK {
+		t.Fatal("nil is OK")
+	}
+}

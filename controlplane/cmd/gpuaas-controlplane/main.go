@@ -62,6 +62,9 @@ type Config struct {
 	Store store.Config `yaml:"store"`
 	// Liveness sets the agents' heartbeat TTLs.
 	Liveness LivenessConfig `yaml:"liveness"`
+	// Tracing exports the RPC spans (OpenTelemetry); every call has a
+	// trace id and a request id either way.
+	Tracing api.TracingConfig `yaml:"tracing"`
 
 	td        spiffeid.TrustDomain
 	operators []spiffeid.ID
@@ -117,6 +120,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.Liveness.validate(); err != nil {
+		return err
+	}
+	if err := c.Tracing.Validate(); err != nil {
 		return err
 	}
 	if _, err := c.OIDC.verifier(); err != nil {
@@ -219,7 +225,9 @@ func main() {
 		fmt.Println("gpuaas-controlplane: configuration", *cfgPath, "is valid")
 		return
 	}
-	log := sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON)
+	// Every line logged with a call's context carries its request and
+	// trace ids.
+	log := slog.New(api.CorrelatedHandler(sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON).Handler()))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, &cfg, log); err != nil {
@@ -268,7 +276,13 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	denialsCtx, stopDenials := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopDenials()
 	go denials.Run(denialsCtx)
+	tp, err := api.NewTracerProvider(ctx, cfg.Tracing, "gpuaas-controlplane")
+	if err != nil {
+		return err
+	}
+	defer tp.Shutdown(context.WithoutCancel(ctx))
 	authz := api.Authorizer{
+		Tracer: tp, TrustTraceParent: cfg.Tracing.TrustTraceParent,
 		TrustDomain: cfg.td, Operators: cfg.operators, Tokens: tokens, Denials: denials,
 		Limiter:      api.NewRateLimiter(api.RateLimitOptions{PerSecond: cfg.Edge.RatePerSecond, Burst: cfg.Edge.RateBurst, MaxIdentities: cfg.Edge.MaxIdentities}),
 		UnaryTimeout: cfg.Edge.UnaryTimeout.D(),

@@ -77,7 +77,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.bundle, "bundle", os.Getenv("GPUAAS_BUNDLE"), "trust bundle (GPUAAS_BUNDLE)")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 15*time.Second, "timeout of each call")
-	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g))
+	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g), attestCmd(g))
 	return root
 }
 
