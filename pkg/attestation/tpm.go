@@ -155,7 +155,15 @@ func akPublicKey(b []byte) (crypto.PublicKey, error) {
 			return nil, fmt.Errorf("%w: attestation key: %v", ErrQuote, err)
 		}
 		k, err := tpm2.ECDSAPub(parms, pt)
-		if err != nil || !k.Curve.IsOnCurve(k.X, k.Y) {
+		if err == nil {
+			// Re-parsed through the checked encoding: the point must be
+			// on the curve.
+			var b []byte
+			if b, err = k.Bytes(); err == nil {
+				k, err = ecdsa.ParseUncompressedPublicKey(k.Curve, b)
+			}
+		}
+		if err != nil {
 			return nil, fmt.Errorf("%w: attestation key is not a valid ecc point", ErrQuote)
 		}
 		return k, nil

@@ -111,7 +111,7 @@ func (cp *controlPlane) mustCtl(t *testing.T, args ...string) string {
 // environment cleared so only the flags count.
 func ctl(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	for _, k := range []string{"GPUAAS_ADDR", "GPUAAS_TRUST_DOMAIN", "GPUAAS_CERT", "GPUAAS_KEY", "GPUAAS_BUNDLE"} {
+	for _, k := range []string{"GPUAAS_ADDR", "GPUAAS_TRUST_DOMAIN", "GPUAAS_CERT", "GPUAAS_KEY", "GPUAAS_BUNDLE", "GPUAAS_TOKEN_FILE"} {
 		t.Setenv(k, "")
 	}
 	var out bytes.Buffer

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -11,14 +12,17 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -30,6 +34,7 @@ var version = "dev"
 
 type globals struct {
 	addr, trustDomain, cert, key, bundle, output string
+	tokenFile                                    string
 	timeout                                      time.Duration
 	stdout                                       io.Writer
 }
@@ -75,33 +80,74 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.cert, "cert", os.Getenv("GPUAAS_CERT"), "operator SVID certificate (GPUAAS_CERT)")
 	pf.StringVar(&g.key, "key", os.Getenv("GPUAAS_KEY"), "operator SVID key (GPUAAS_KEY)")
 	pf.StringVar(&g.bundle, "bundle", os.Getenv("GPUAAS_BUNDLE"), "trust bundle (GPUAAS_BUNDLE)")
+	pf.StringVar(&g.tokenFile, "token-file", os.Getenv("GPUAAS_TOKEN_FILE"), "file holding an OIDC bearer token to authenticate with instead of (or besides) an SVID (GPUAAS_TOKEN_FILE); never pass a token on the command line")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 15*time.Second, "timeout of each call")
 	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g), attestCmd(g))
 	return root
 }
 
-// dial connects to the control plane with the operator's SVID, accepting
-// only the control plane's SPIFFE ID.
+// dial connects to the control plane, accepting only its SPIFFE ID, as
+// the operator's SVID and/or with an OIDC bearer token read from a file.
 func (g *globals) dial(ctx context.Context) (*grpc.ClientConn, func(), error) {
 	td, err := spiffeid.TrustDomainFromString(g.trustDomain)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--trust-domain: %w", err)
 	}
-	if g.cert == "" || g.key == "" || g.bundle == "" {
-		return nil, nil, errors.New("--cert, --key and --bundle (or GPUAAS_CERT, GPUAAS_KEY, GPUAAS_BUNDLE) are required")
+	if g.bundle == "" {
+		return nil, nil, errors.New("--bundle (or GPUAAS_BUNDLE) is required: it authenticates the control plane")
 	}
-	src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{CertPath: g.cert, KeyPath: g.key, BundlePath: g.bundle, TrustDomain: td})
+	var token string
+	if g.tokenFile != "" {
+		b, err := os.ReadFile(g.tokenFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--token-file: %w", err)
+		}
+		if token = strings.TrimSpace(string(b)); token == "" || strings.ContainsAny(token, " \t\r\n") {
+			return nil, nil, fmt.Errorf("--token-file %s: not one bearer token", g.tokenFile)
+		}
+	}
+	server := tlsconfig.AuthorizeID(identity.ControlPlaneID(td))
+	var creds credentials.TransportCredentials
+	closeSrc := func() {}
+	switch {
+	case g.cert != "" && g.key != "":
+		src, err := identity.NewFileSource(ctx, identity.FileSourceConfig{CertPath: g.cert, KeyPath: g.key, BundlePath: g.bundle, TrustDomain: td})
+		if err != nil {
+			return nil, nil, err
+		}
+		creds, closeSrc = identity.ClientCredentials(src, server), func() { src.Close() }
+	case token != "":
+		bundle, err := x509bundle.Load(td, g.bundle)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--bundle: %w", err)
+		}
+		cfg := tlsconfig.TLSClientConfig(bundle, server)
+		cfg.MinVersion = tls.VersionTLS13
+		creds = credentials.NewTLS(cfg)
+	default:
+		return nil, nil, errors.New("authenticate with --cert and --key (an operator SVID) or --token-file (an OIDC bearer token)")
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if token != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(bearerToken(token)))
+	}
+	conn, err := grpc.NewClient(g.addr, opts...)
 	if err != nil {
+		closeSrc()
 		return nil, nil, err
 	}
-	conn, err := grpc.NewClient(g.addr, grpc.WithTransportCredentials(identity.ClientCredentials(src, tlsconfig.AuthorizeID(identity.ControlPlaneID(td)))))
-	if err != nil {
-		src.Close()
-		return nil, nil, err
-	}
-	return conn, func() { conn.Close(); src.Close() }, nil
+	return conn, func() { conn.Close(); closeSrc() }, nil
 }
+
+// bearerToken sends an OIDC token with every call, only over TLS.
+type bearerToken string
+
+func (b bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(b)}, nil
+}
+
+func (bearerToken) RequireTransportSecurity() bool { return true }
 
 func (g *globals) printJSON(m proto.Message) error {
 	b, err := protojson.MarshalOptions{Multiline: true, Indent: "  "}.Marshal(m)
