@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
 
+	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -79,13 +80,16 @@ func (p *Proc) Running() bool {
 
 // Cluster is a running installation.
 type Cluster struct {
-	opts       Options
-	Dir        string
-	ownDir     bool
-	PKI        *identity.DevPKI
-	Containerd *harness.Containerd
-	CPAddr     string
-	Image      ociimage.Image
+	opts   Options
+	Dir    string
+	ownDir bool
+	PKI    *identity.DevPKI
+	// AuditKey signs the control plane's audit checkpoints; AuditPub is
+	// its verifier key (gpuaasctl audit verify --key).
+	AuditKey, AuditPub string
+	Containerd         *harness.Containerd
+	CPAddr             string
+	Image              ociimage.Image
 	// Namespace is the agents' containerd namespace, unique per cluster so
 	// that its per-namespace runc state and parent cgroups can be removed
 	// at Close without racing another test's containerd.
@@ -147,6 +151,17 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		return nil, fmt.Errorf("dev pki: %w", err)
 	}
 	if c.CPAddr, err = freeAddr(); err != nil {
+		return nil, err
+	}
+	skey, vkey, err := auditlog.GenerateKey(TrustDomain + "/audit")
+	if err != nil {
+		return nil, err
+	}
+	c.AuditKey, c.AuditPub = filepath.Join(c.Dir, "pki", "audit-signing.key"), filepath.Join(c.Dir, "pki", "audit-signing.pub")
+	if err := os.WriteFile(c.AuditKey, []byte(skey+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(c.AuditPub, []byte(vkey+"\n"), 0o644); err != nil {
 		return nil, err
 	}
 	if err := c.StartControlPlane(ctx); err != nil {
@@ -219,9 +234,13 @@ func (c *Cluster) StartControlPlane(ctx context.Context) error {
 data_dir: %q
 trust_domain: %s
 %stick_interval: 200ms
+audit:
+  signing_key: %q
+  checkpoint_every: 10
+  checkpoint_interval: 1s
 log:
   level: %s
-`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.opts.LogLevel)
+`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.AuditKey, c.opts.LogLevel)
 	p, err := c.start("controlplane", "gpuaas-controlplane", filepath.Join(c.Dir, "controlplane.yaml"), cfg)
 	if err != nil {
 		return err

@@ -178,7 +178,7 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	if _, err := ctl("audit", "list", "--db", db); err != nil {
 		return err
 	}
-	verify, err := ctl("audit", "verify", "--db", db)
+	verify, err := ctl("audit", "verify", "--db", db, "--key", c.AuditPub)
 	if err != nil {
 		return err
 	}
