@@ -33,7 +33,6 @@ import (
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 	"github.com/gpuaas/gpuaas/test/harness"
-	"github.com/gpuaas/gpuaas/test/ociimage"
 )
 
 // buildCommands builds the named commands of the module into a temporary
@@ -154,7 +153,6 @@ func runLoggingContainer(t *testing.T, driver, path, script string) {
 	ns := harness.UniqueID("e2e-logs")
 	t.Cleanup(func() { _ = harness.RemoveNamespaceDirs(ns) })
 	ctrd := harness.StartContainerdT(t, harness.Options{})
-	archive, _ := harness.BusyboxArchiveT(t, ociimage.Options{Name: "localhost/gpuaas/busybox:e2e-logs"})
 	cl, err := ctrd.NewClient(ns)
 	if err != nil {
 		t.Fatal(err)
@@ -162,26 +160,7 @@ func runLoggingContainer(t *testing.T, driver, path, script string) {
 	defer cl.Close()
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), ns), time.Minute)
 	defer cancel()
-	f, err := os.Open(archive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	imgs, err := cl.Import(ctx, f)
-	f.Close()
-	if err != nil || len(imgs) != 1 {
-		t.Fatalf("import: %v %v", imgs, err)
-	}
-	img := containerd.NewImage(cl, imgs[0])
-	snap := ""
-	for _, s := range []string{"overlayfs", "native"} {
-		if err := img.Unpack(ctx, s); err == nil {
-			snap = s
-			break
-		}
-	}
-	if snap == "" {
-		t.Fatal("no snapshotter could unpack the image")
-	}
+	img, snap := harness.ImportBusyboxT(t, ctx, cl, "localhost/gpuaas/busybox:e2e-logs")
 	id := harness.UniqueID("logs")
 	ctr, err := cl.NewContainer(ctx, id, containerd.WithSnapshotter(snap), containerd.WithNewSnapshot(id, img),
 		containerd.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("sh", "-c", script)))

@@ -4,9 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/containerd/containerd/v2/client"
 
 	"github.com/gpuaas/gpuaas/test/ociimage"
 )
@@ -48,6 +51,32 @@ func BusyboxArchiveT(t testing.TB, opts ociimage.Options) (string, ociimage.Imag
 		t.Fatalf("build busybox image: %v", err)
 	}
 	return out, img
+}
+
+// ImportBusyboxT builds a busybox OCI archive named name, imports it into
+// cl (ctx carries the namespace) and unpacks it with the first snapshotter
+// that works (overlayfs, else native). It returns the image and the
+// snapshotter.
+func ImportBusyboxT(t testing.TB, ctx context.Context, cl *client.Client, name string) (client.Image, string) {
+	t.Helper()
+	archive, _ := BusyboxArchiveT(t, ociimage.Options{Name: name})
+	f, err := os.Open(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imgs, err := cl.Import(ctx, f)
+	f.Close()
+	if err != nil || len(imgs) != 1 {
+		t.Fatalf("import %s: %v %v", name, imgs, err)
+	}
+	img := client.NewImage(cl, imgs[0])
+	for _, s := range []string{"overlayfs", "native"} {
+		if err := img.Unpack(ctx, s); err == nil {
+			return img, s
+		}
+	}
+	t.Fatal("no snapshotter could unpack the image")
+	return nil, ""
 }
 
 // UniqueID returns prefix followed by a suffix unique to this test run, for

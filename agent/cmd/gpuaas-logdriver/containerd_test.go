@@ -15,7 +15,6 @@ import (
 
 	"github.com/gpuaas/gpuaas/agent/runtime/logfile"
 	"github.com/gpuaas/gpuaas/test/harness"
-	"github.com/gpuaas/gpuaas/test/ociimage"
 )
 
 // TestDriverUnderContainerdShim runs a busybox container whose output the
@@ -28,7 +27,6 @@ func TestDriverUnderContainerdShim(t *testing.T) {
 	t.Cleanup(func() { _ = harness.RemoveNamespaceDirs(ns) })
 	ctrd := harness.StartContainerdT(t, harness.Options{})
 	bin := BuildDriver(t)
-	archive, _ := harness.BusyboxArchiveT(t, ociimage.Options{Name: "localhost/gpuaas/busybox:logdriver"})
 
 	cl, err := ctrd.NewClient(ns)
 	if err != nil {
@@ -37,26 +35,7 @@ func TestDriverUnderContainerdShim(t *testing.T) {
 	defer cl.Close()
 	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), ns), time.Minute)
 	defer cancel()
-	f, err := os.Open(archive)
-	if err != nil {
-		t.Fatal(err)
-	}
-	imgs, err := cl.Import(ctx, f)
-	f.Close()
-	if err != nil || len(imgs) != 1 {
-		t.Fatalf("import: %v %v", imgs, err)
-	}
-	img := client.NewImage(cl, imgs[0])
-	snap := ""
-	for _, s := range []string{"overlayfs", "native"} {
-		if err := img.Unpack(ctx, s); err == nil {
-			snap = s
-			break
-		}
-	}
-	if snap == "" {
-		t.Fatal("no snapshotter could unpack the image")
-	}
+	img, snap := harness.ImportBusyboxT(t, ctx, cl, "localhost/gpuaas/busybox:logdriver")
 
 	id := harness.UniqueID("logdriver")
 	script := "i=0; while [ $i -lt 8000 ]; do echo \"out $i padding-padding-padding\"; echo \"err $i\" >&2; i=$((i+1)); done; echo done"
