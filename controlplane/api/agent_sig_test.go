@@ -2,21 +2,14 @@ package api
 
 import (
 	"context"
-	"log/slog"
-	"net"
-	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
-	"github.com/gpuaas/gpuaas/controlplane/fleet"
-	"github.com/gpuaas/gpuaas/controlplane/lease"
-	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/auditsig"
 	"github.com/gpuaas/gpuaas/pkg/identity"
@@ -27,36 +20,12 @@ import (
 // if withBundle, the dev CA's bundle to verify rotated SVIDs against.
 func startSigServer(t *testing.T, withBundle bool) *server {
 	t.Helper()
-	dir := t.TempDir()
-	pki, err := identity.WriteDevPKI(filepath.Join(dir, "pki"), identity.DevPKIOptions{TrustDomain: "gpuaas.test", Agents: []string{"node-a", "node-b"}, Operators: []string{"alice"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := store.OpenBolt(filepath.Join(dir, "state.db"), store.BoltOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	log := slog.New(slog.DiscardHandler)
-	src := sourceFor(t, pki, pki.ControlPlane)
-	leases := lease.New(lease.Options{Store: st, Logger: log})
-	reg := fleet.New(st, log)
-	leases.SetFleet(reg)
-	authz := Authorizer{TrustDomain: pki.TrustDomain}
-	srv := grpc.NewServer(
-		grpc.Creds(identity.ServerCredentials(src, identity.AuthorizeKinds(pki.TrustDomain, identity.PeerAgent, identity.PeerOperator))),
-		grpc.ChainUnaryInterceptor(authz.Unary(log)), grpc.ChainStreamInterceptor(authz.Stream(log)))
-	as := &AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second, RequireAgentSignatures: true}
-	if withBundle {
-		as.Bundle = src
-	}
-	agentv1.RegisterAgentServiceServer(srv, as)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(lis)
-	t.Cleanup(func() { srv.Stop(); st.Close() })
-	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases}
+	return startServerWith(t, &LogRelay{}, func(as *AgentServer, src identity.Source) {
+		as.RequireAgentSignatures = true
+		if withBundle {
+			as.Bundle = src
+		}
+	})
 }
 
 func loadSVID(t *testing.T, f identity.SVIDFiles) *x509svid.SVID {

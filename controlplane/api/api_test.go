@@ -42,8 +42,9 @@ func startServer(t testing.TB) *server {
 	return startServerWith(t, &LogRelay{})
 }
 
-// startServerWith is startServer with the given log relay.
-func startServerWith(t testing.TB, logs *LogRelay) *server {
+// startServerWith is startServer with the given log relay; configure, if
+// given, adjusts the agent server (it gets the control plane's source).
+func startServerWith(t testing.TB, logs *LogRelay, configure ...func(*AgentServer, identity.Source)) *server {
 	t.Helper()
 	dir := t.TempDir()
 	pki, err := identity.WriteDevPKI(filepath.Join(dir, "pki"), identity.DevPKIOptions{TrustDomain: "gpuaas.test", Agents: []string{"node-a", "node-b"}, Operators: []string{"alice"}})
@@ -63,7 +64,11 @@ func startServerWith(t testing.TB, logs *LogRelay) *server {
 	srv := grpc.NewServer(
 		grpc.Creds(identity.ServerCredentials(src, identity.AuthorizeKinds(pki.TrustDomain, identity.PeerAgent, identity.PeerOperator))),
 		grpc.ChainUnaryInterceptor(authz.Unary(log)), grpc.ChainStreamInterceptor(authz.Stream(log)))
-	agentv1.RegisterAgentServiceServer(srv, &AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second, Logs: logs})
+	as := &AgentServer{Fleet: reg, Leases: leases, Store: st, Log: log, HelloTimeout: time.Second, Logs: logs}
+	for _, c := range configure {
+		c(as, src)
+	}
+	agentv1.RegisterAgentServiceServer(srv, as)
 	leasev1.RegisterLeaseServiceServer(srv, &LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
 	nodev1.RegisterNodeServiceServer(srv, &NodeServer{Fleet: reg, Leases: leases})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
