@@ -68,7 +68,9 @@ func FindBinDir() (string, error) {
 	}
 }
 
-// Check reports whether the SPIRE binaries are present.
+// Check reports whether the SPIRE binaries are present. While
+// scripts/setup.sh is still building them in the background (its pid in
+// BIN_DIR.building is alive) it waits for the build, up to buildWait.
 func Check(binDir string) error {
 	if binDir == "" {
 		var err error
@@ -76,12 +78,51 @@ func Check(binDir string) error {
 			return err
 		}
 	}
-	for _, b := range []string{"spire-server", "spire-agent"} {
-		if _, err := os.Stat(filepath.Join(binDir, b)); err != nil {
-			return fmt.Errorf("spire: %s not built (run scripts/setup.sh): %w", b, err)
+	missing := func() error {
+		for _, b := range []string{"spire-server", "spire-agent"} {
+			if _, err := os.Stat(filepath.Join(binDir, b)); err != nil {
+				return fmt.Errorf("spire: %s not built (run scripts/setup.sh): %w", b, err)
+			}
+		}
+		return nil
+	}
+	for deadline := time.Now().Add(buildWait); ; time.Sleep(2 * time.Second) {
+		err := missing()
+		if err == nil || !building(binDir) {
+			if err != nil {
+				if log, rerr := os.ReadFile(filepath.Join(filepath.Dir(filepath.Dir(binDir)), "spire-build.log")); rerr == nil && len(log) > 0 {
+					err = fmt.Errorf("%w; the background build's log ends: %s", err, tail(log, 800))
+				}
+			}
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("spire: still building after %s (see .cache/spire-build.log): %w", buildWait, err)
 		}
 	}
-	return nil
+}
+
+// buildWait bounds how long Check waits for setup's background build.
+const buildWait = 12 * time.Minute
+
+// building reports whether setup's background build of binDir is running.
+func building(binDir string) bool {
+	b, err := os.ReadFile(binDir + ".building")
+	if err != nil {
+		return false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return false
+	}
+	return syscall.Kill(pid, 0) == nil
+}
+
+func tail(b []byte, n int) string {
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(bytes.TrimSpace(b))
 }
 
 func freePort() (int, error) {
