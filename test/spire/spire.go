@@ -103,7 +103,7 @@ func Check(binDir string) error {
 }
 
 // buildWait bounds how long Check waits for setup's background build.
-const buildWait = 12 * time.Minute
+const buildWait = 25 * time.Minute
 
 // building reports whether setup's background build of binDir is running.
 func building(binDir string) bool {
