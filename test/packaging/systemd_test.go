@@ -29,16 +29,11 @@ const (
 
 func repoRoot(t testing.TB) string {
 	t.Helper()
-	out, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
+	root, err := harness.RepoRoot()
 	if err != nil {
-		// Fall back to the package's location: test/packaging.
-		wd, werr := os.Getwd()
-		if werr != nil {
-			t.Fatal(werr)
-		}
-		return filepath.Clean(filepath.Join(wd, "..", ".."))
+		t.Fatal(err)
 	}
-	return strings.TrimSpace(string(out))
+	return root
 }
 
 // stageUnit copies a unit into dir with its daemon paths pointed at an

@@ -21,6 +21,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/gpuaas/gpuaas/test/harness"
 )
 
 // Version is the SPIRE release pinned in tools/spire/go.mod.
@@ -54,18 +56,11 @@ type SPIRE struct {
 // FindBinDir returns .cache/bin/spire-<Version> of the repository that
 // contains the working directory.
 func FindBinDir() (string, error) {
-	wd, err := os.Getwd()
+	root, err := harness.RepoRoot()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("spire: %w", err)
 	}
-	for d := wd; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "tools", "spire", "go.mod")); err == nil {
-			return filepath.Join(d, ".cache", "bin", "spire-"+Version), nil
-		}
-		if filepath.Dir(d) == d {
-			return "", errors.New("spire: not inside the gpuaas repository (no tools/spire/go.mod above the working directory)")
-		}
-	}
+	return filepath.Join(root, ".cache", "bin", "spire-"+Version), nil
 }
 
 // Check reports whether the SPIRE binaries are present. While
