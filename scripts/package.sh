@@ -30,6 +30,14 @@ go build -trimpath -ldflags "-s -w -X main.version=$VERSION" -o "$BIN_DIR/" \
   ./agent/cmd/gpuaas-agent ./agent/cmd/gpuaas-logdriver \
   ./controlplane/cmd/gpuaas-controlplane ./controlplane/cmd/gpuaasctl
 
+# The control plane ships an attestation policy that allows exactly the
+# agent binary of this release (operators add the next release's digest
+# before they roll it out).
+AGENT_SHA256=$(sha256sum "$BIN_DIR/gpuaas-agent" | cut -d' ' -f1)
+sed "s/\"allowed_agent_sha256\": \[\]/\"allowed_agent_sha256\": [\"$AGENT_SHA256\"]/" \
+  packaging/config/attestation-policy.json > "$BIN_DIR/attestation-policy.json"
+grep -q "$AGENT_SHA256" "$BIN_DIR/attestation-policy.json"
+
 mkdir -p "$OUT_DIR"
 export VERSION BIN_DIR
 for p in $PACKAGES; do

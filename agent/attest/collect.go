@@ -75,6 +75,9 @@ type Config struct {
 	PCRs []int
 	// Now is the report clock; default time.Now.
 	Now func() time.Time
+	// TelemetryKey is the public key of the agent's telemetry signer,
+	// vouched for by each report; nil when the agent sends no telemetry.
+	TelemetryKey []byte
 }
 
 // Collector gathers reports. It is safe for sequential use; the session
@@ -148,6 +151,7 @@ func (c *Collector) Collect(ctx context.Context, agentID spiffeid.ID, nonce []by
 		Version:      orUnknown(c.cfg.Version, nil),
 		BinarySHA256: orUnknown(fileSHA256(c.cfg.ExePath)),
 		ConfigSHA256: "unknown (no config file)",
+		TelemetryKey: slices.Clone(c.cfg.TelemetryKey),
 	}
 	if c.cfg.ConfigPath != "" {
 		r.Agent.ConfigSHA256 = orUnknown(fileSHA256(c.cfg.ConfigPath))

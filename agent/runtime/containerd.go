@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -840,4 +841,23 @@ func (r *Containerd) Close() error {
 		}
 	})
 	return r.closeErr
+}
+
+// Versions reports containerd's version (with its revision) and the OCI
+// runtime's (the first line of `runc --version`), for attestation.
+func (r *Containerd) Versions(ctx context.Context) (containerd, runc string, err error) {
+	v, err := r.client.Version(r.nsContext(ctx))
+	if err != nil {
+		return "", "", fmt.Errorf("containerd version: %w", err)
+	}
+	containerd = v.Version
+	if v.Revision != "" {
+		containerd += " (" + v.Revision + ")"
+	}
+	out, err := exec.CommandContext(ctx, "runc", "--version").Output()
+	if err != nil {
+		return containerd, "", fmt.Errorf("runc version: %w", err)
+	}
+	runc, _, _ = strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return containerd, runc, nil
 }

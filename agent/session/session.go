@@ -52,6 +52,19 @@ type Options struct {
 	// follows rotations); nil sends events unsigned, which a control plane
 	// that requires signatures refuses.
 	Signer EventSigner
+	// Attester answers the control plane's attestation challenges
+	// (attest.Collector with the agent's current SVID); nil leaves them
+	// unanswered, and the control plane then gives the node no leases.
+	Attester Attester
+	// Telemetry delivers signed telemetry reports to send (the sampler's
+	// newest); nil sends none. A report that finds no session is dropped:
+	// telemetry is a sample, not a ledger.
+	Telemetry <-chan *agentv1.TelemetryReport
+}
+
+// Attester answers an attestation challenge with a signed report.
+type Attester interface {
+	Respond(ctx context.Context, nonce []byte) (*agentv1.ChallengeResponse, error)
 }
 
 // EventSigner signs an audit event of node in place (auditsig.Signer).
@@ -212,6 +225,26 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 	if err := sendAudit(); err != nil {
 		return err
 	}
+	// Challenges are answered one at a time, off the loop (evidence
+	// collection reads the driver and may quote a TPM); a challenge that
+	// comes while one is being answered waits for it.
+	type answer struct {
+		resp *agentv1.ChallengeResponse
+		err  error
+	}
+	answers := make(chan answer, 1)
+	var queued [][]byte
+	answering := false
+	startAnswer := func(nonce []byte) {
+		answering = true
+		go func() {
+			resp, err := c.o.Attester.Respond(ctx, nonce)
+			select {
+			case answers <- answer{resp, err}:
+			case <-ctx.Done():
+			}
+		}()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -243,7 +276,19 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 					}
 				}
 			case *agentv1.SessionResponse_Challenge:
-				// Attestation evidence is not produced yet.
+				nonce := msg.Challenge.GetNonce()
+				switch {
+				case c.o.Attester == nil:
+					c.o.Logger.Warn("attestation challenge left unanswered: no attester configured")
+				case len(nonce) == 0 || len(nonce) > 64:
+					c.o.Logger.Warn("attestation challenge with an invalid nonce", "bytes", len(nonce))
+				case answering:
+					if len(queued) < 4 {
+						queued = append(queued, nonce)
+					}
+				default:
+					startAnswer(nonce)
+				}
 			case *agentv1.SessionResponse_LogRequest:
 				req := msg.LogRequest
 				if id := req.GetRequestId(); id == "" || len(id) > 128 {
@@ -264,6 +309,31 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 					defer func() { logDone <- struct{}{} }()
 					serveLog(ctx, c.o.Logs, c.o.Logger, req, sendChunk)
 				}()
+			}
+		case a := <-answers:
+			answering = false
+			if len(queued) > 0 {
+				startAnswer(queued[0])
+				queued = queued[1:]
+			}
+			if a.err != nil {
+				// Unanswered, the challenge expires and the node reads
+				// STALE; the next challenge tries again.
+				c.o.Logger.Warn("attestation challenge not answered", "err", a.err)
+				continue
+			}
+			// The observed state goes first: the report was collected
+			// before it, so the control plane judges the report against
+			// lease phases at least as new as the evidence.
+			if err := sendObserved(); err != nil {
+				return err
+			}
+			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_ChallengeResponse{ChallengeResponse: a.resp}}); err != nil {
+				return err
+			}
+		case r := <-c.o.Telemetry:
+			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Telemetry{Telemetry: r}}); err != nil {
+				return err
 			}
 		case ch := <-logChunks:
 			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_LogChunk{LogChunk: ch}}); err != nil {

@@ -1,10 +1,21 @@
-// Package telemetry holds the agent's Prometheus metrics. It only counts
-// and exposes; it never decides anything. Labels are bounded (kinds, GPU
-// UUIDs), never lease ids, so a busy host cannot grow the series set
-// without bound.
+// Package telemetry is the agent's view of its GPUs for the outside: the
+// agent's own Prometheus metrics, and the Sampler, which reads every GPU
+// and MIG device at a fixed interval, serves the last reading on the
+// Prometheus endpoint under dcgm-exporter's names and labels, and signs
+// each reading into a TelemetryReport for the control plane with the
+// attested telemetry key (pkg/attestation).
+//
+// It only reads, counts and reports; it never decides anything (GPU health
+// is agent/gpu/health's). A scrape never calls the driver. Label values are
+// bounded by the host: kinds, GPU UUIDs and indexes, GPU instance ids and
+// profiles, and the lease and tenant bound to each device; there is at
+// most one lease per device at a time, so a busy host cannot grow the
+// series set without bound. Nothing here may hold readings without bound
+// either: reports are newest-wins, XIDs per device per interval bounded.
 package telemetry
 
 import (
+	"fmt"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -43,6 +54,15 @@ func New() *Metrics {
 		m.FenceDenials.WithLabelValues(k)
 	}
 	return m
+}
+
+// RegisterSampler serves the sampler's last reading and its counters on
+// the metrics endpoint.
+func (m *Metrics) RegisterSampler(s *Sampler) error {
+	if err := m.reg.Register(s); err != nil {
+		return fmt.Errorf("register telemetry sampler: %w", err)
+	}
+	return nil
 }
 
 // Handler serves the metrics in the Prometheus text format.

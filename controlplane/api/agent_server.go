@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -19,6 +20,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/fleet"
 	"github.com/gpuaas/gpuaas/controlplane/lease"
 	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/auditsig"
 	"github.com/gpuaas/gpuaas/pkg/errs"
@@ -57,6 +59,24 @@ type AgentServer struct {
 	// details["agent_sig"]="absent"; a signature that is present is always
 	// verified, and a bad one is always refused.
 	RequireAgentSignatures bool
+	// Attest challenges each agent at connect and periodically, judges its
+	// reports and verifies its telemetry; nil sends no challenges and
+	// refuses telemetry (no key to verify it with).
+	Attest *fleet.Attestor
+	// Telemetry, if set, receives each accepted telemetry report with its
+	// verified header (attestation.DecodeTelemetryPayload decodes the
+	// readings).
+	Telemetry func(node string, h attestation.TelemetryHeader, r *agentv1.TelemetryReport)
+	// Counts, if set, counts attestation verdicts and telemetry outcomes
+	// (kind "attestation" or "telemetry"; result a status, "accepted" or
+	// the failed check).
+	Counts func(kind, result string)
+}
+
+func (s *AgentServer) count(kind, result string) {
+	if s.Counts != nil {
+		s.Counts(kind, result)
+	}
 }
 
 // agentPeer is the verified identity of a session's agent.
@@ -196,15 +216,41 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 			return nil
 		}
 		sentGen = ds.GetGeneration()
+		if s.Attest != nil {
+			s.Attest.SetPlaced(node, ds.GetLeases())
+		}
 		return stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_Desired{Desired: ds}})
 	}
 	if err := sendDesired(true); err != nil {
 		return err
 	}
+	var challengeTick <-chan time.Time
+	challenge := func() error {
+		if err := s.Attest.Expire(ctx, node); err != nil {
+			return err
+		}
+		ch, err := s.Attest.Challenge(ctx, node)
+		if err != nil {
+			return err
+		}
+		return stream.Send(&agentv1.SessionResponse{Msg: &agentv1.SessionResponse_Challenge{Challenge: ch}})
+	}
+	if s.Attest != nil {
+		if err := challenge(); err != nil {
+			return err
+		}
+		t := time.NewTicker(s.Attest.Interval())
+		defer t.Stop()
+		challengeTick = t.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-challengeTick:
+			if err := challenge(); err != nil {
+				return err
+			}
 		case <-sess.Replaced:
 			return errs.New(errs.ErrAborted, "SESSION_REPLACED", fleet.ErrReplaced.Error())
 		case <-sess.Wake:
@@ -264,10 +310,62 @@ func (s *AgentServer) handle(ctx context.Context, c lease.Caller, ap agentPeer, 
 	case *agentv1.SessionRequest_Hello:
 		return errs.InvalidArgument("hello", "only the first message may be a hello")
 	case *agentv1.SessionRequest_ChallengeResponse:
-		return nil // attestation is not verified yet; the contract carries it
+		if s.Attest == nil {
+			return nil
+		}
+		v, err := s.Attest.Judge(ctx, node, msg.ChallengeResponse)
+		if err != nil {
+			return err
+		}
+		s.count("attestation", string(v.Status))
+		if v.Status == attestation.StatusPass {
+			// The node may now take pending leases.
+			if err := s.Leases.Tick(ctx); err != nil {
+				s.Log.Warn("tick after attestation", "err", err)
+			}
+		} else {
+			s.Log.Warn("attestation not passed", "node", node, "status", v.Status, "failed", checkNames(v.Failed()))
+		}
+		return nil
+	case *agentv1.SessionRequest_Telemetry:
+		if s.Attest == nil {
+			s.count("telemetry", "no_attestation")
+			return nil
+		}
+		h, err := s.Attest.Telemetry(node, msg.Telemetry)
+		if err != nil {
+			// A refused report is dropped, not fatal to the session: the
+			// next one may pass (e.g. after the next attestation).
+			check := "telemetry"
+			var ce *attestation.CheckError
+			if errors.As(err, &ce) {
+				check = ce.Check
+			}
+			s.count("telemetry", check)
+			level := slog.LevelWarn
+			if check == attestation.CheckTelemetryKey {
+				// Expected until the node's first report is verified.
+				level = slog.LevelDebug
+			}
+			s.Log.Log(ctx, level, "telemetry report refused", "node", node, "check", check, "err", err)
+			return nil
+		}
+		s.count("telemetry", "accepted")
+		if s.Telemetry != nil {
+			s.Telemetry(node, h, msg.Telemetry)
+		}
+		return nil
 	default:
 		return errs.InvalidArgument("msg", "empty or unknown session message")
 	}
+}
+
+func checkNames(cs []attestation.Check) string {
+	names := make([]string, 0, len(cs))
+	for _, c := range cs {
+		names = append(names, c.Name)
+	}
+	return strings.Join(names, ",")
 }
 
 // appendAgentEvents appends the agent's audit events with the agent as the

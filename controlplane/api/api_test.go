@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
@@ -78,6 +79,18 @@ func startServerWith(t testing.TB, logs *LogRelay, configure ...func(*AgentServe
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Stop(); st.Close() })
 	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases, logs: logs}
+}
+
+// addNode records a node the way a first agent session does.
+func (s *server) addNode(t testing.TB, id string) {
+	t.Helper()
+	raw, err := proto.Marshal(&nodev1.Node{Id: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.st.Update(context.Background(), func(tx store.Tx) error { return tx.Put(store.BucketNodes, id, raw) }); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func sourceFor(t testing.TB, pki *identity.DevPKI, f identity.SVIDFiles) *identity.FileSource {

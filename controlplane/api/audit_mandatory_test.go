@@ -20,6 +20,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	auditv1 "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
 // privilegedRPCs lists every RPC marked (gpuaas.audit.v1.privileged) in the
@@ -50,6 +51,9 @@ func privilegedRPCs() []string {
 type auditCall struct {
 	setup func(ctx context.Context, t *testing.T, lc leasev1.LeaseServiceClient) string
 	call  func(ctx context.Context, lc leasev1.LeaseServiceClient, id string) error
+	// nodeCall, for a NodeService RPC, is made instead of call, on a
+	// control plane that knows node-a.
+	nodeCall func(ctx context.Context, nc nodev1.NodeServiceClient) error
 }
 
 func createdLease(ctx context.Context, t *testing.T, lc leasev1.LeaseServiceClient) string {
@@ -81,6 +85,18 @@ var auditCalls = map[string]auditCall{
 		setup: createdLease,
 		call: func(ctx context.Context, lc leasev1.LeaseServiceClient, id string) error {
 			_, err := lc.ExtendLease(ctx, &leasev1.ExtendLeaseRequest{Id: id, ExtendBy: durationpb.New(time.Minute)})
+			return err
+		},
+	},
+	nodev1.NodeService_CordonNode_FullMethodName: {
+		nodeCall: func(ctx context.Context, nc nodev1.NodeServiceClient) error {
+			_, err := nc.CordonNode(ctx, &nodev1.CordonNodeRequest{Id: "node-a", Reason: "guard"})
+			return err
+		},
+	},
+	nodev1.NodeService_UncordonNode_FullMethodName: {
+		nodeCall: func(ctx context.Context, nc nodev1.NodeServiceClient) error {
+			_, err := nc.UncordonNode(ctx, &nodev1.UncordonNodeRequest{Id: "node-a", Reason: "guard"})
 			return err
 		},
 	},
@@ -144,15 +160,25 @@ func TestPrivilegedRPCsAppendExactlyOneEntry(t *testing.T) {
 func checkOneEntry(t *testing.T, m string, c auditCall) error {
 	s := startServer(t)
 	operator := s.pki.Operators["alice"]
-	lc := leasev1.NewLeaseServiceClient(s.dial(t, sourceFor(t, s.pki, operator)))
+	conn := s.dial(t, sourceFor(t, s.pki, operator))
+	lc := leasev1.NewLeaseServiceClient(conn)
 	ctx := context.Background()
 	id := ""
 	if c.setup != nil {
 		id = c.setup(ctx, t, lc)
 	}
+	if c.nodeCall != nil {
+		s.addNode(t, "node-a")
+	}
 	before := auditSize(t, s.st)
 	reqID := "guard-" + m[strings.LastIndex(m, "/")+1:]
-	callErr := c.call(metadata.AppendToOutgoingContext(ctx, "x-request-id", reqID), lc, id)
+	cctx := metadata.AppendToOutgoingContext(ctx, "x-request-id", reqID)
+	var callErr error
+	if c.nodeCall != nil {
+		callErr = c.nodeCall(cctx, nodev1.NewNodeServiceClient(conn))
+	} else {
+		callErr = c.call(cctx, lc, id)
+	}
 	after := auditSize(t, s.st)
 	if after != before+1 {
 		return fmt.Errorf("%s appended %d audit entries (call error: %v), want exactly 1", m, after-before, callErr)

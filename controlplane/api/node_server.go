@@ -2,6 +2,9 @@ package api
 
 import (
 	"context"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/controlplane/fleet"
 	"github.com/gpuaas/gpuaas/controlplane/lease"
@@ -14,6 +17,9 @@ type NodeServer struct {
 	nodev1.UnimplementedNodeServiceServer
 	Fleet  *fleet.Registry
 	Leases *lease.Service
+	// Attest serves the attestation RPCs; nil answers them
+	// FAILED_PRECONDITION (attestation disabled).
+	Attest *fleet.Attestor
 }
 
 func (s *NodeServer) ListNodes(ctx context.Context, _ *nodev1.ListNodesRequest) (*nodev1.ListNodesResponse, error) {
@@ -41,4 +47,118 @@ func (s *NodeServer) GetNode(ctx context.Context, req *nodev1.GetNodeRequest) (*
 		return nil, err
 	}
 	return &nodev1.GetNodeResponse{Node: n}, nil
+}
+
+func (s *NodeServer) node(ctx context.Context, id string) (*nodev1.Node, error) {
+	live, err := s.Leases.LiveLeases(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return s.Fleet.Node(ctx, id, live)
+}
+
+func (s *NodeServer) cordon(ctx context.Context, id, reason string, cordon bool) (*nodev1.Node, error) {
+	c, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !lease.ValidName(id) {
+		return nil, errs.InvalidArgument("id", "is not a node name")
+	}
+	if err := s.Fleet.Cordon(ctx, c, id, cordon, reason); err != nil {
+		return nil, err
+	}
+	return s.node(ctx, id)
+}
+
+func (s *NodeServer) CordonNode(ctx context.Context, req *nodev1.CordonNodeRequest) (*nodev1.CordonNodeResponse, error) {
+	n, err := s.cordon(ctx, req.GetId(), req.GetReason(), true)
+	if err != nil {
+		return nil, err
+	}
+	return &nodev1.CordonNodeResponse{Node: n}, nil
+}
+
+func (s *NodeServer) UncordonNode(ctx context.Context, req *nodev1.UncordonNodeRequest) (*nodev1.UncordonNodeResponse, error) {
+	n, err := s.cordon(ctx, req.GetId(), req.GetReason(), false)
+	if err != nil {
+		return nil, err
+	}
+	return &nodev1.UncordonNodeResponse{Node: n}, nil
+}
+
+func (s *NodeServer) attestor(id string) (*fleet.Attestor, error) {
+	if !lease.ValidName(id) {
+		return nil, errs.InvalidArgument("id", "is not a node name")
+	}
+	if s.Attest == nil {
+		return nil, errs.New(errs.ErrFailedPrecondition, "ATTESTATION_DISABLED", "attestation is disabled on this control plane")
+	}
+	return s.Attest, nil
+}
+
+func (s *NodeServer) GetNodeAttestation(ctx context.Context, req *nodev1.GetNodeAttestationRequest) (*nodev1.GetNodeAttestationResponse, error) {
+	a, err := s.attestor(req.GetId())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.node(ctx, req.GetId()); err != nil {
+		return nil, err
+	}
+	rec, status, found, err := a.Record(ctx, req.GetId())
+	if err != nil {
+		return nil, err
+	}
+	out := &nodev1.NodeAttestation{NodeId: req.GetId(), Status: fleet.AttestationStatusProto(status)}
+	if found {
+		out.Latest = verdictProto(rec.Latest)
+		if len(rec.Report.Report) > 0 {
+			out.Report = &nodev1.SignedReport{Nonce: rec.Report.Nonce, Report: rec.Report.Report, Signature: rec.Report.Signature}
+		}
+		out.Count, out.PassCount, out.FailCount, out.StaleCount = rec.Count, rec.PassCount, rec.FailCount, rec.StaleCount
+		out.LastSuccess, out.LastFailure = optTime(rec.LastSuccess), optTime(rec.LastFailure)
+	}
+	return &nodev1.GetNodeAttestationResponse{Attestation: out}, nil
+}
+
+func (s *NodeServer) ListNodeAttestations(ctx context.Context, req *nodev1.ListNodeAttestationsRequest) (*nodev1.ListNodeAttestationsResponse, error) {
+	a, err := s.attestor(req.GetId())
+	if err != nil {
+		return nil, err
+	}
+	n := int(req.GetPageSize())
+	if n < 0 || n > 100 {
+		return nil, errs.InvalidArgument("page_size", "must be between 0 and 100")
+	}
+	if n == 0 {
+		n = 100
+	}
+	if _, err := s.node(ctx, req.GetId()); err != nil {
+		return nil, err
+	}
+	hist, err := a.History(ctx, req.GetId(), n)
+	if err != nil {
+		return nil, err
+	}
+	out := &nodev1.ListNodeAttestationsResponse{}
+	for _, v := range hist {
+		out.Verdicts = append(out.Verdicts, verdictProto(v))
+	}
+	return out, nil
+}
+
+func verdictProto(v fleet.VerdictRecord) *nodev1.AttestationVerdict {
+	out := &nodev1.AttestationVerdict{Status: fleet.AttestationStatusProto(v.Status), ReportTime: optTime(v.ReportTime),
+		VerifyTime: optTime(v.VerifyTime), ReportSha256: v.ReportSHA256}
+	for _, c := range v.Checks {
+		out.Checks = append(out.Checks, &nodev1.AttestationCheck{Name: c.Name, Ok: c.OK, Expected: c.Expected, Actual: c.Actual})
+	}
+	return out
+}
+
+func optTime(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
 }

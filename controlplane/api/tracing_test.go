@@ -262,6 +262,26 @@ var traceCalls = map[string]traceCall{
 		_, err := nodev1.NewNodeServiceClient(conn).GetNode(ctx, &nodev1.GetNodeRequest{Id: "node-a"}, grpc.Header(&md))
 		return md, err
 	},
+	nodev1.NodeService_CordonNode_FullMethodName: func(ctx context.Context, conn *grpc.ClientConn, _ string) (metadata.MD, error) {
+		var md metadata.MD
+		_, err := nodev1.NewNodeServiceClient(conn).CordonNode(ctx, &nodev1.CordonNodeRequest{Id: "node-a", Reason: "trace"}, grpc.Header(&md))
+		return md, err
+	},
+	nodev1.NodeService_UncordonNode_FullMethodName: func(ctx context.Context, conn *grpc.ClientConn, _ string) (metadata.MD, error) {
+		var md metadata.MD
+		_, err := nodev1.NewNodeServiceClient(conn).UncordonNode(ctx, &nodev1.UncordonNodeRequest{Id: "node-a", Reason: "trace"}, grpc.Header(&md))
+		return md, err
+	},
+	nodev1.NodeService_GetNodeAttestation_FullMethodName: func(ctx context.Context, conn *grpc.ClientConn, _ string) (metadata.MD, error) {
+		var md metadata.MD
+		_, err := nodev1.NewNodeServiceClient(conn).GetNodeAttestation(ctx, &nodev1.GetNodeAttestationRequest{Id: "node-a"}, grpc.Header(&md))
+		return md, err
+	},
+	nodev1.NodeService_ListNodeAttestations_FullMethodName: func(ctx context.Context, conn *grpc.ClientConn, _ string) (metadata.MD, error) {
+		var md metadata.MD
+		_, err := nodev1.NewNodeServiceClient(conn).ListNodeAttestations(ctx, &nodev1.ListNodeAttestationsRequest{Id: "node-a"}, grpc.Header(&md))
+		return md, err
+	},
 }
 
 // spanOf returns the ended span of the call with the request id.

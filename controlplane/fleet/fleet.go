@@ -62,6 +62,8 @@ type Registry struct {
 	restored      bool
 	cordoned      map[string]bool
 	cordonsLoaded bool
+	// attest, when set, decides which nodes are attested (attest.go).
+	attest *Attestor
 }
 
 // Options configures a registry.
@@ -208,13 +210,17 @@ func (r *Registry) persistConnect(ctx context.Context, s *Session) error {
 }
 
 // ConnectedNodes implements lease.Fleet: the nodes with a session that are
-// not cordoned.
+// not cordoned and, with attestation enabled, whose attestation is PASS.
 func (r *Registry) ConnectedNodes() []lease.NodeView {
+	now := r.now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	out := make([]lease.NodeView, 0, len(r.sessions))
 	for _, s := range r.sessions {
 		if r.cordoned[s.Node] {
+			continue
+		}
+		if r.attest != nil && !r.attest.eligible(s.Node, now) {
 			continue
 		}
 		s.mu.Lock()
@@ -265,7 +271,29 @@ func (r *Registry) Nodes(ctx context.Context, live []*leasev1.Lease) ([]*nodev1.
 			n.Session = &nodev1.Session{PeerId: s.PeerID, RemoteAddr: s.RemoteAddr, ConnectTime: timestamppb.New(s.ConnectedAt), AgentVersion: s.AgentVersion}
 		}
 	}
+	attest := r.attest
 	r.mu.Unlock()
+	states := map[string]NodeState{}
+	err = r.st.View(ctx, func(tx store.Tx) error {
+		for _, n := range out {
+			st, err := getState(tx, n.GetId())
+			if err != nil {
+				return err
+			}
+			states[n.GetId()] = st
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range out {
+		st := states[n.GetId()]
+		n.Cordoned, n.CordonReason, n.CordonedBy, n.Down = st.Cordoned, st.CordonReason, st.CordonedBy, st.State == StateDown
+		if attest != nil {
+			n.Attestation = AttestationStatusProto(attest.Status(n.GetId()))
+		}
+	}
 	for _, n := range out {
 		var mine []*leasev1.Lease
 		for _, l := range live {

@@ -19,7 +19,7 @@ import (
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
-func openStore(t *testing.T) *store.Bolt {
+func openStore(t testing.TB) *store.Bolt {
 	t.Helper()
 	st, err := store.OpenBolt(filepath.Join(t.TempDir(), "state.db"), store.BoltOptions{})
 	if err != nil {

@@ -305,49 +305,76 @@ func (r *Registry) Cordon(ctx context.Context, c lease.Caller, node string, cord
 		action = "node.uncordon"
 	}
 	now := r.now()
-	changed := false
+	changed, missing := false, false
 	err := r.st.Update(ctx, func(tx store.Tx) error {
-		changed = false
-		if _, err := tx.Get(store.BucketNodes, node); errors.Is(err, store.ErrNotFound) {
-			return errs.NotFound("NODE_NOT_FOUND", "node %s not found", node)
-		} else if err != nil {
+		e := audit.FromContext(ctx, auditlog.Entry{Time: now, Actor: c.ID, Action: action, Resource: "node/" + node,
+			Outcome: auditlog.OutcomeSuccess, Reason: reason, RequestID: c.RequestID})
+		_, err := tx.Get(store.BucketNodes, node)
+		missing = errors.Is(err, store.ErrNotFound)
+		if missing {
+			// The refusal is audited too: the entry is owed whatever the
+			// outcome.
+			e.Outcome, e.Reason = auditlog.OutcomeFailure, "node not found"
+			_, err := audit.Append(tx, e)
 			return err
 		}
-		st, err := getState(tx, node)
 		if err != nil {
 			return err
 		}
-		if st.Cordoned == cordon {
-			return nil
-		}
-		st.Cordoned = cordon
-		if cordon {
-			st.CordonReason, st.CordonedBy, st.CordonedAt = reason, c.ID, now
-		} else {
-			st.CordonReason, st.CordonedBy, st.CordonedAt = "", "", time.Time{}
-		}
-		if err := putState(tx, node, st); err != nil {
-			return err
-		}
-		changed = true
-		_, err = audit.Append(tx, auditlog.Entry{Time: now, Actor: c.ID, Action: action, Resource: "node/" + node,
-			Outcome: auditlog.OutcomeSuccess, Reason: reason, RequestID: c.RequestID})
+		changed, err = cordonTx(tx, node, cordon, e)
 		return err
 	})
 	if err != nil {
 		return err
 	}
+	if missing {
+		return errs.NotFound("NODE_NOT_FOUND", "node %s not found", node)
+	}
 	if changed {
-		r.mu.Lock()
-		if cordon {
-			r.cordoned[node] = true
-		} else {
-			delete(r.cordoned, node)
-		}
-		r.mu.Unlock()
+		r.setCordoned(node, cordon)
 		r.log.Info("node cordon changed", "node", node, "cordoned", cordon, "by", c.ID)
 	}
 	return nil
+}
+
+func (r *Registry) setCordoned(node string, cordon bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cordon {
+		r.cordoned[node] = true
+	} else {
+		delete(r.cordoned, node)
+	}
+}
+
+// cordonTx cordons (or uncordons) node in tx and appends e, its audit
+// entry, whether or not that changes anything (a repeated cordon is
+// recorded with details["changed"]="false"). It reports whether the state
+// changed; the caller updates r.cordoned once tx commits (setCordoned).
+func cordonTx(tx store.Tx, node string, cordon bool, e auditlog.Entry) (bool, error) {
+	st, err := getState(tx, node)
+	if err != nil {
+		return false, err
+	}
+	if st.Cordoned == cordon {
+		if e.Details == nil {
+			e.Details = map[string]string{}
+		}
+		e.Details["changed"] = "false"
+		_, err := audit.Append(tx, e)
+		return false, err
+	}
+	st.Cordoned = cordon
+	if cordon {
+		st.CordonReason, st.CordonedBy, st.CordonedAt = e.Reason, e.Actor, e.Time
+	} else {
+		st.CordonReason, st.CordonedBy, st.CordonedAt = "", "", time.Time{}
+	}
+	if err := putState(tx, node, st); err != nil {
+		return false, err
+	}
+	_, err = audit.Append(tx, e)
+	return err == nil, err
 }
 
 // loadCordons reads the cordoned nodes once, so ConnectedNodes (hot:

@@ -137,6 +137,9 @@ func putLease(tx store.Tx, l *leasev1.Lease, prev leasev1.Phase, now time.Time) 
 	if err := tx.Put(store.BucketLeases, l.GetId(), raw); err != nil {
 		return err
 	}
+	if err := recordUsage(tx, l, prev, now); err != nil {
+		return err
+	}
 	return reindex(tx, l, prev)
 }
 
@@ -487,6 +490,17 @@ func (s *Service) DesiredState(ctx context.Context, node string) (*agentv1.Desir
 	return ds, err
 }
 
+// LiveOn returns the leases that hold a partition on node.
+func (s *Service) LiveOn(ctx context.Context, node string) ([]*leasev1.Lease, error) {
+	var out []*leasev1.Lease
+	err := s.st.View(ctx, func(tx store.Tx) error {
+		var err error
+		out, err = liveOn(tx, node)
+		return err
+	})
+	return out, err
+}
+
 // LiveLeases returns every lease that holds a partition.
 func (s *Service) LiveLeases(ctx context.Context) ([]*leasev1.Lease, error) {
 	var out []*leasev1.Lease
@@ -502,10 +516,25 @@ func (s *Service) LiveLeases(ctx context.Context) ([]*leasev1.Lease, error) {
 // reporting agent's identity; node is the node it is authorised for. A
 // report about a lease placed on another node is refused and audited.
 func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *agentv1.ObservedState) error {
+	// In chunks, like the sweeps: each lease changes atomically with its
+	// audit (and usage) entries, and a transaction stays within etcd's
+	// limits however many leases the report carries.
+	all := obs.GetLeases()
+	for len(all) > 0 {
+		n := min(len(all), sweepChunk)
+		if err := s.observeChunk(ctx, agent, node, all[:n]); err != nil {
+			return err
+		}
+		all = all[n:]
+	}
+	return nil
+}
+
+func (s *Service) observeChunk(ctx context.Context, agent Caller, node string, leases []*agentv1.ObservedLease) error {
 	var changed []*leasev1.Lease
 	err := s.st.Update(ctx, func(tx store.Tx) error {
 		changed = changed[:0]
-		for _, o := range obs.GetLeases() {
+		for _, o := range leases {
 			if !ValidLeaseID(o.GetLeaseId()) {
 				continue
 			}
@@ -571,11 +600,13 @@ func (s *Service) Observe(ctx context.Context, agent Caller, node string, obs *a
 // System is the audit actor of the control plane's own decisions.
 var System = Caller{ID: "gpuaas/controlplane"}
 
-// sweepChunk bounds the leases one sweep transaction changes, so that a
-// sweep over many leases fits etcd's --max-txn-ops (each change writes the
-// lease, its index row and its audit entry). Each lease changes atomically
-// with its audit entry; a sweep as a whole is a sequence of transactions.
-const sweepChunk = 24
+// sweepChunk bounds the leases one sweep (or observed-state) transaction
+// changes, so that it fits etcd's --max-txn-ops (each change writes the
+// lease, its index row and its audit entry, and an ending lease its usage
+// entry: its audit record, two ledger rows and the ledger sequence). Each
+// lease changes atomically with its entries; a sweep as a whole is a
+// sequence of transactions.
+const sweepChunk = 12
 
 // Tick expires leases past not_after and places pending ones. Run it
 // periodically and when capacity may have appeared.

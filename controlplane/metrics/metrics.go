@@ -213,3 +213,31 @@ func (r *RPC) Stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo,
 	r.observe(info.FullMethod, start, err)
 	return err
 }
+
+// NewAttestationCounts registers the attestation counters and returns the
+// function the agent server counts with: kind "attestation" counts
+// verdicts by status, kind "telemetry" telemetry reports by result
+// ("accepted" or the failed check).
+func NewAttestationCounts(reg prometheus.Registerer) (func(kind, result string), error) {
+	verdicts := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "attestation_verdicts_total",
+		Help: "Attestation reports judged, by verdict (PASS, FAIL, STALE).",
+	}, []string{"status"})
+	reports := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "telemetry_reports_total",
+		Help: "Signed telemetry reports received, by result: accepted, or the check that refused the report.",
+	}, []string{"result"})
+	for _, c := range []prometheus.Collector{verdicts, reports} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return func(kind, result string) {
+		switch kind {
+		case "attestation":
+			verdicts.WithLabelValues(result).Inc()
+		case "telemetry":
+			reports.WithLabelValues(result).Inc()
+		}
+	}, nil
+}

@@ -1,12 +1,13 @@
 package store
 
-// bbolt schema (version 2). One file, one writer process.
+// bbolt schema (version 3). One file, one writer process.
 //
 //   meta
-//     schema_version     uint64 big-endian; 2
+//     schema_version     uint64 big-endian; 3
 //     revision           uint64 big-endian; bumped by every lease change
 //     audit_head         32-byte hash of the last audit entry
 //     audit_seq          uint64 big-endian; sequence of the last audit entry
+//     ledger_seq         uint64 big-endian; sequence of the last usage entry
 //     alloc_index        uint64 big-endian; 1 once the allocations bucket
 //                        holds every live lease (the lease service builds it)
 //   leases               lease id -> gpuaas.lease.v1.Lease, protobuf
@@ -20,10 +21,18 @@ package store
 //                        (4 bytes big-endian each), node id; one row per live
 //                        lease (controlplane/lease, index.go)
 //   node_state           node id -> {state, since, reason, cordoned, ...}, JSON
+//   attestation          node id -> {latest verdict, signed report, counts,
+//                        last success, last failure}, JSON (controlplane/fleet)
+//   attestation_history  node id + "/" + %020d sequence -> one verdict, JSON;
+//                        the newest 100 per node are kept
+//   ledger               "e/%020d" -> one lease's usage entry, JSON;
+//                        "l/" + lease id -> its sequence (controlplane/lease);
+//                        append-only
 //
 // History: version 1 had meta, leases, idempotency, audit and nodes.
 // Version 2 adds audit_checkpoints, audit_forward, allocations and
 // node_state, all empty; the lease service fills allocations on first use.
+// Version 3 adds attestation, attestation_history and ledger, empty.
 //
 // Upgrades run in Open, in one transaction, from the stored version to
 // SchemaVersion. An existing file is first checked read-only: a file from a
@@ -46,7 +55,7 @@ import (
 )
 
 // SchemaVersion is the schema this binary writes.
-const SchemaVersion = 2
+const SchemaVersion = 3
 
 const keySchemaVersion = "schema_version"
 
@@ -227,6 +236,15 @@ func migrate(tx *bolt.Tx, v uint64) error {
 			}
 		}
 		v = 2
+	}
+	// 2 -> 3: attestation verdicts and the usage ledger, empty.
+	if v == 2 {
+		for _, b := range []string{BucketAttestation, BucketAttestationHistory, BucketLedger} {
+			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
+				return err
+			}
+		}
+		v = 3
 	}
 	for _, b := range Buckets {
 		if tx.Bucket([]byte(b)) == nil {

@@ -32,10 +32,21 @@ const (
 	// BucketNodeState: node id -> the control plane's verdict on a node
 	// (liveness, cordon), JSON. Written only by the fleet.
 	BucketNodeState = "node_state"
+	// BucketAttestation: node id -> the node's attestation state (latest
+	// verdict, the signed report it judged, counts), JSON. Written only by
+	// the fleet.
+	BucketAttestation = "attestation"
+	// BucketAttestationHistory: node id + "/" + %020d sequence -> one
+	// verdict, JSON; the fleet keeps the newest 100 per node.
+	BucketAttestationHistory = "attestation_history"
+	// BucketLedger: the usage ledger (controlplane/lease, ledger.go):
+	// "e/%020d" -> one lease's usage (JSON), "l/" + lease id -> its
+	// sequence. Append-only.
+	BucketLedger = "ledger"
 )
 
 // Buckets is every bucket, created when a store is opened.
-var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes, BucketAuditCheckpoints, BucketAuditForward, BucketAllocations, BucketNodeState}
+var Buckets = []string{BucketMeta, BucketLeases, BucketIdempotency, BucketAudit, BucketNodes, BucketAuditCheckpoints, BucketAuditForward, BucketAllocations, BucketNodeState, BucketAttestation, BucketAttestationHistory, BucketLedger}
 
 func knownBucket(name string) bool {
 	for _, b := range Buckets {

@@ -27,6 +27,19 @@
 // SHA-256(report encoded without the quote)), binding the quote to this
 // challenge and to every other field of the report.
 //
+// Telemetry. Each agent process generates an Ed25519 telemetry key in
+// memory (never on disk) and puts its public half in every report
+// (AgentEvidence.TelemetryKey), so the SVID signature over the report
+// vouches for it. Telemetry reports are signed with that key: Ed25519 over
+// "gpuaas.telemetry/v1\n" || SHA-256 of the exact payload bytes (a
+// TelemetryPayload in protobuf wire form, verified before it is decoded, so
+// no canonical re-encoding is involved; the control plane then reads only
+// the header and the lease ids, VerifyTelemetryHeader). Ed25519 rather than the SVID's ECDSA key
+// because a control plane verifies a report per node per interval and
+// Ed25519 verifies faster; the binding to the attested identity is the
+// report's signature over the key. Replay, ordering and lease attribution
+// are the verifier's state (controlplane/fleet).
+//
 // What it must never do: accept a report whose bytes are not canonical, a
 // signer that does not chain to the bundle or is not the agent of the
 // report's node; silently drop a check or an evidence field (absent

@@ -228,6 +228,15 @@ func (p *Policy) Evaluate(r *Report, exp Expected) Verdict {
 	p.evaluateLeases(r, exp, add)
 	p.evaluateTPM(r, add)
 
+	v.Restatus()
+	return v
+}
+
+// Restatus sets the status from the checks, after a verifier has added
+// checks of its own: FAIL when any check but freshness failed, STALE when
+// only freshness failed, else PASS.
+func (v *Verdict) Restatus() {
+	v.Status = StatusPass
 	for _, c := range v.Checks {
 		if c.OK {
 			continue
@@ -240,7 +249,6 @@ func (p *Policy) Evaluate(r *Report, exp Expected) Verdict {
 		}
 		v.Status = StatusFail
 	}
-	return v
 }
 
 func (p *Policy) evaluateMIG(r *Report, exp Expected, add func(string, bool, string, string)) {

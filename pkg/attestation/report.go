@@ -54,6 +54,10 @@ type AgentEvidence struct {
 	Version      string `json:"version"`
 	BinarySHA256 string `json:"binary_sha256"` // lower-case hex of /proc/self/exe
 	ConfigSHA256 string `json:"config_sha256"` // lower-case hex of the config file
+	// TelemetryKey is the Ed25519 public key (32 bytes) that signs this
+	// agent's telemetry reports until its next report: the report's SVID
+	// signature vouches for it. Empty when the agent sends no telemetry.
+	TelemetryKey []byte `json:"telemetry_key"`
 }
 
 // HostEvidence is the kernel and boot state.
@@ -154,6 +158,7 @@ var ErrMalformed = errors.New("malformed attestation report")
 func (r *Report) normalize() {
 	r.Time = r.Time.UTC()
 	r.Nonce = nonNil(r.Nonce)
+	r.Agent.TelemetryKey = nonNil(r.Agent.TelemetryKey)
 	r.GPU.Devices = nonNil(r.GPU.Devices)
 	r.Leases = nonNil(r.Leases)
 	for i := range r.GPU.Devices {

@@ -6,8 +6,12 @@ package cluster
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -21,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
 
+	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
@@ -57,6 +62,11 @@ type Options struct {
 	// operator identity Dial presents.
 	WorkloadAPI string
 	Operator    identity.Source
+	// Policy, if set, adjusts the control plane's attestation policy
+	// before it is written. The default allows the agent binary in BinDir
+	// (by its SHA-256) and requires the device and egress fences on every
+	// running lease, with a 1 minute max age.
+	Policy func(*attestation.Policy)
 }
 
 // Proc is one daemon process.
@@ -97,6 +107,8 @@ type Cluster struct {
 
 	// MetricsAddr is each agent's Prometheus endpoint (host:port).
 	MetricsAddr map[string]string
+	// CPMetricsAddr is the control plane's metrics and health address.
+	CPMetricsAddr string
 	// Networks are the agents' bridge networks, one per node (a bridge
 	// and a subnet of its own), removed at Close.
 	Networks map[string]*harness.Network
@@ -164,6 +176,12 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if err := os.WriteFile(c.AuditPub, []byte(vkey+"\n"), 0o644); err != nil {
 		return nil, err
 	}
+	if err := c.writePolicy(); err != nil {
+		return nil, err
+	}
+	if c.CPMetricsAddr, err = freeAddr(); err != nil {
+		return nil, err
+	}
 	if err := c.StartControlPlane(ctx); err != nil {
 		return nil, err
 	}
@@ -227,6 +245,40 @@ func (c *Cluster) start(name, bin, cfg string, cfgBody string) (*Proc, error) {
 	return p, nil
 }
 
+// PolicyPath is the control plane's attestation policy file.
+func (c *Cluster) PolicyPath() string { return filepath.Join(c.Dir, "attestation-policy.json") }
+
+// writePolicy writes the attestation policy: the agent binary the cluster
+// runs is the one allowed.
+func (c *Cluster) writePolicy() error {
+	sum, err := fileSHA256(filepath.Join(c.opts.BinDir, "gpuaas-agent"))
+	if err != nil {
+		return err
+	}
+	p := &attestation.Policy{AllowedAgentSHA256: []string{sum}, RequiredFences: []string{"device", "egress"}, MaxAge: attestation.Duration(time.Minute)}
+	if c.opts.Policy != nil {
+		c.opts.Policy(p)
+	}
+	raw, err := json.MarshalIndent(p, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(c.PolicyPath(), raw, 0o644)
+}
+
+func fileSHA256(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
 // StartControlPlane starts (or restarts) the control plane and waits until
 // it accepts connections.
 func (c *Cluster) StartControlPlane(ctx context.Context) error {
@@ -238,9 +290,13 @@ audit:
   signing_key: %q
   checkpoint_every: 10
   checkpoint_interval: 1s
+attestation:
+  policy_file: %q
+  interval: 10s
+metrics_listen: %q
 log:
   level: %s
-`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.AuditKey, c.opts.LogLevel)
+`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.AuditKey, c.PolicyPath(), c.CPMetricsAddr, c.opts.LogLevel)
 	p, err := c.start("controlplane", "gpuaas-controlplane", filepath.Join(c.Dir, "controlplane.yaml"), cfg)
 	if err != nil {
 		return err
@@ -313,6 +369,8 @@ stop_grace: %s
 isolation:
   pin_root: %q
 metrics_listen: %q
+telemetry:
+  interval: 2s
 network:
   bridge: %s
   subnet: %s

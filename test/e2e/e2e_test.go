@@ -128,6 +128,10 @@ func TestLeaseEndToEnd(t *testing.T) {
 		if node = resp.GetNode(); !node.GetConnected() || len(node.GetInventory().GetGpus()) != 2 {
 			return errors.New("node-a not connected with 2 GPUs")
 		}
+		// Only an attested node takes leases.
+		if node.GetAttestation() != nodev1.AttestationStatus_ATTESTATION_STATUS_PASS {
+			return fmt.Errorf("node-a attestation %v", node.GetAttestation())
+		}
 		return nil
 	})
 
@@ -374,6 +378,36 @@ func TestLeaseEndToEnd(t *testing.T) {
 	}
 	if strings.Contains(list, "tok-secret-123") {
 		t.Error("secret env value in the audit log")
+	}
+	// Every lease that ran has one usage ledger entry, in the audit log
+	// too.
+	ujs, err := c.Ctl(ctx, "usage", "--db", db, "-o", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var usage []struct {
+		LeaseID   string `json:"lease_id"`
+		Tenant    string `json:"tenant"`
+		Millis    int64  `json:"duration_ms"`
+		GPUMillis int64  `json:"gpu_ms"`
+	}
+	if err := json.Unmarshal([]byte(ujs), &usage); err != nil {
+		t.Fatalf("usage -o json: %v\n%s", err, ujs)
+	}
+	seen := map[string]int{}
+	for _, u := range usage {
+		seen[u.LeaseID]++
+		if u.Tenant != "acme" || u.Millis <= 0 || u.GPUMillis <= 0 || u.GPUMillis > u.Millis {
+			t.Errorf("usage entry %+v", u)
+		}
+	}
+	for _, l := range []*leasev1.Lease{a, b, h100, okJob} {
+		if seen[l.GetId()] != 1 {
+			t.Errorf("lease %s has %d usage entries, want 1 (ledger %s)", l.GetId(), seen[l.GetId()], ujs)
+		}
+	}
+	if !strings.Contains(list, "usage.interval") {
+		t.Error("no usage.interval entry in the audit log")
 	}
 	// Every event the agent reported carries its verified signature, and
 	// none was refused.

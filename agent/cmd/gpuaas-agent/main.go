@@ -21,6 +21,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -36,6 +37,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/runtime"
 	"github.com/gpuaas/gpuaas/agent/session"
 	"github.com/gpuaas/gpuaas/agent/telemetry"
+	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/auditsig"
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
@@ -133,13 +135,25 @@ type Config struct {
 	} `yaml:"logs"`
 	// MetricsListen serves Prometheus metrics at /metrics (host:port);
 	// empty turns it off.
-	MetricsListen string          `yaml:"metrics_listen"`
+	MetricsListen string `yaml:"metrics_listen"`
+	// Telemetry samples every GPU and MIG device every interval (default
+	// 10s), for /metrics and, signed, for the control plane.
+	Telemetry struct {
+		Interval config.Duration `yaml:"interval"`
+	} `yaml:"telemetry"`
+	// Attestation: the TPM to quote (default: /dev/tpmrm0 when present;
+	// "none": never) and the PCRs (default 0-7).
+	Attestation struct {
+		TPMDevice string `yaml:"tpm_device"`
+		PCRs      []int  `yaml:"pcrs"`
+	} `yaml:"attestation"`
 	ImageArchives []string        `yaml:"image_archives"`
 	StopGrace     config.Duration `yaml:"stop_grace"`
 	Log           config.Log      `yaml:"log"`
 
 	td        spiffeid.TrustDomain
 	level     slog.Level
+	path      string // the file it was loaded from, hashed into attestation reports
 	migParted *mig.MigPartedConfig
 }
 
@@ -147,6 +161,20 @@ type Config struct {
 func (c *Config) Validate() error {
 	if err := identity.ValidateNodeName(c.Node); err != nil {
 		return config.FieldError("node", "%v", err)
+	}
+	if c.Telemetry.Interval == 0 {
+		c.Telemetry.Interval = config.Duration(10 * time.Second)
+	}
+	if c.Telemetry.Interval.D() < time.Second || c.Telemetry.Interval.D() > 10*time.Minute {
+		return config.FieldError("telemetry.interval", "must be between 1s and 10m")
+	}
+	if d := c.Attestation.TPMDevice; d != "" && d != "none" && !filepath.IsAbs(d) {
+		return config.FieldError("attestation.tpm_device", "must be an absolute path or \"none\"")
+	}
+	for i, p := range c.Attestation.PCRs {
+		if p < 0 || p > attestation.MaxPCR {
+			return config.FieldError(fmt.Sprintf("attestation.pcrs[%d]", i), "must be between 0 and %d", attestation.MaxPCR)
+		}
 	}
 	if _, _, err := net.SplitHostPort(c.ControlPlane); err != nil {
 		return config.FieldError("control_plane", "must be host:port: %v", err)
@@ -339,6 +367,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gpuaas-agent:", err)
 		os.Exit(2)
 	}
+	cfg.path = *cfgPath
 	if *checkConfig {
 		fmt.Println("gpuaas-agent: configuration", *cfgPath, "is valid")
 		return
@@ -527,6 +556,35 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}
 	}
 	exec = lease.New(opts)
+
+	// Telemetry: sampled every interval for /metrics and signed with a key
+	// that lives only in memory; attestation reports vouch for it.
+	tkey, err := attestation.NewTelemetryKey()
+	if err != nil {
+		return err
+	}
+	sampler, err := telemetry.NewSampler(telemetry.Options{Backend: backend, Node: cfg.Node, Interval: cfg.Telemetry.Interval.D(),
+		Attribution: attribution(j, log), Key: tkey, Logger: log})
+	if err != nil {
+		return err
+	}
+	metrics.RegisterSampler(sampler)
+	go sampler.Run(ctx)
+	tpm, err := openTPM(cfg.Attestation.TPMDevice, log)
+	if err != nil {
+		return err
+	}
+	if tpm != nil {
+		defer tpm.Close()
+	}
+	var tpmT transport.TPM
+	if tpm != nil {
+		tpmT = tpm
+	}
+	collector, err := newCollector(cfg, cfg.path, backend, rt, tpmT, j, fencerP.Load, tkey.Public())
+	if err != nil {
+		return err
+	}
 	go func() {
 		if err := tracker.Run(ctx, backend); err != nil && ctx.Err() == nil {
 			log.Error("gpu health monitoring stopped; GPUs are no longer vouched for", "err", err)
@@ -537,8 +595,10 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Address: cfg.ControlPlane, Node: cfg.Node, AgentVersion: version,
 		Creds:    identity.ClientCredentials(src, tlsconfig.AuthorizeID(cpID)),
 		Executor: exec, Journal: j, Logger: log,
-		Logs:   session.FileLogs{Dir: logDir},
-		Signer: auditsig.NewSigner(src),
+		Logs:      session.FileLogs{Dir: logDir},
+		Signer:    auditsig.NewSigner(src),
+		Attester:  sessionAttester{c: collector, src: src},
+		Telemetry: sampler.Reports(),
 		Inventory: func(ctx context.Context) (*nodev1.Inventory, error) {
 			inv, err := partition.Inventory(ctx, backend)
 			if err == nil {

@@ -108,6 +108,7 @@ data_dir: %s
 trust_domain: gpuaas.test
 svid: {cert: %s, key: %s, bundle: %s}
 tick_interval: 100ms
+attestation: {disabled: true}
 log: {level: warn}
 audit:
   signing_key: %s

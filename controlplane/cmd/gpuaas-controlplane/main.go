@@ -26,6 +26,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/lease"
 	"github.com/gpuaas/gpuaas/controlplane/metrics"
 	"github.com/gpuaas/gpuaas/controlplane/store"
+	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/config"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
@@ -65,6 +66,8 @@ type Config struct {
 	// Tracing exports the RPC spans (OpenTelemetry); every call has a
 	// trace id and a request id either way.
 	Tracing api.TracingConfig `yaml:"tracing"`
+	// Attestation decides which nodes may take leases.
+	Attestation AttestationConfig `yaml:"attestation"`
 
 	td        spiffeid.TrustDomain
 	operators []spiffeid.ID
@@ -128,7 +131,58 @@ func (c *Config) Validate() error {
 	if _, err := c.OIDC.verifier(); err != nil {
 		return err
 	}
+	if err := c.Attestation.validate(); err != nil {
+		return err
+	}
 	return c.Audit.validate(td)
+}
+
+// AttestationConfig is node attestation: the policy every node's reports
+// are judged by, and how often agents are challenged.
+type AttestationConfig struct {
+	// PolicyFile is the attestation policy (JSON, pkg/attestation.Policy):
+	// required unless Disabled.
+	PolicyFile string `yaml:"policy_file"`
+	// Disabled lets every connected node take leases without attestation
+	// (development only; a warning at start).
+	Disabled bool `yaml:"disabled"`
+	// Interval is how often each agent is challenged (default: a third of
+	// the policy's max_age); NonceTTL how long a challenge may go
+	// unanswered (default 30s).
+	Interval config.Duration `yaml:"interval"`
+	NonceTTL config.Duration `yaml:"nonce_ttl"`
+
+	policy *attestation.Policy
+}
+
+func (a *AttestationConfig) validate() error {
+	if a.Disabled {
+		if a.PolicyFile != "" {
+			return config.FieldError("attestation.disabled", "cannot be set with attestation.policy_file")
+		}
+		return nil
+	}
+	if a.PolicyFile == "" || !filepath.IsAbs(a.PolicyFile) {
+		return config.FieldError("attestation.policy_file", "an absolute path is required (or attestation.disabled: true, for development only)")
+	}
+	raw, err := os.ReadFile(a.PolicyFile)
+	if err != nil {
+		return config.FieldError("attestation.policy_file", "%v", err)
+	}
+	if a.policy, err = attestation.ParsePolicy(raw); err != nil {
+		return config.FieldError("attestation.policy_file", "%v", err)
+	}
+	maxAge := time.Duration(a.policy.MaxAge)
+	if maxAge <= 0 {
+		maxAge = attestation.DefaultMaxAge
+	}
+	if a.Interval != 0 && (a.Interval.D() < time.Second || a.Interval.D() >= maxAge) {
+		return config.FieldError("attestation.interval", "must be at least 1s and shorter than the policy's max_age (%s)", maxAge)
+	}
+	if a.NonceTTL != 0 && (a.NonceTTL.D() < time.Second || a.NonceTTL.D() > 10*time.Minute) {
+		return config.FieldError("attestation.nonce_ttl", "must be between 1s and 10m")
+	}
+	return nil
 }
 
 // AuditConfig is the audit log's signing and forwarding.
@@ -298,10 +352,24 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	opts = append(opts, api.Limits{MaxRecvMsgSize: cfg.Edge.MaxRecvBytes, MaxConcurrentStreams: cfg.Edge.MaxConcurrentStreams}.ServerOptions()...)
 	srv := grpc.NewServer(opts...)
 	logs := &api.LogRelay{}
+	var attest *fleet.Attestor
+	if cfg.Attestation.Disabled {
+		log.Warn("attestation is disabled: every connected node may take leases unattested (development only)")
+	} else {
+		attest, err = fl.EnableAttestation(fleet.AttestOptions{Policy: cfg.Attestation.policy, Verifier: attestation.NewVerifier(src, cfg.td, 0),
+			Interval: cfg.Attestation.Interval.D(), NonceTTL: cfg.Attestation.NonceTTL.D(), Actor: identity.ControlPlaneID(cfg.td).String(), Leases: leases.LiveOn})
+		if err != nil {
+			return err
+		}
+	}
+	counts, err := metrics.NewAttestationCounts(reg)
+	if err != nil {
+		return err
+	}
 	agentv1.RegisterAgentServiceServer(srv, &api.AgentServer{Fleet: fl, Leases: leases, Store: st, Log: log, Logs: logs,
-		Bundle: src, RequireAgentSignatures: !cfg.Audit.AllowUnsignedAgentEvents})
+		Bundle: src, RequireAgentSignatures: !cfg.Audit.AllowUnsignedAgentEvents, Attest: attest, Counts: counts})
 	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
-	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: fl, Leases: leases})
+	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: fl, Leases: leases, Attest: attest})
 
 	stopAudit, err := startAudit(ctx, cfg, st, src, reg, log)
 	if err != nil {

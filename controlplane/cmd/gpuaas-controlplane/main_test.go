@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,18 +20,34 @@ import (
 )
 
 func TestShippedConfigIsValid(t *testing.T) {
+	// The shipped configuration with the shipped policy (the package puts
+	// it at /etc/gpuaas/attestation-policy.json).
+	raw, err := os.ReadFile("../../../packaging/config/controlplane.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy, err := filepath.Abs("../../../packaging/config/attestation-policy.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := strings.Replace(string(raw), "/etc/gpuaas/attestation-policy.json", policy, 1)
 	var c Config
-	if err := config.Load("../../../packaging/config/controlplane.yaml", &c); err != nil {
+	if err := config.Decode([]byte(body), &c); err != nil {
 		t.Fatal(err)
 	}
 	if c.td.Name() != "example.org" || c.TickInterval.D().Seconds() != 1 {
 		t.Fatalf("parsed %+v", c)
 	}
+	// Fail closed: the template allows no agent until packaging fills in
+	// the release's digest.
+	if p := c.Attestation.policy; p == nil || len(p.AllowedAgentSHA256) != 0 || !slices.Contains(p.RequiredFences, "egress") {
+		t.Fatalf("shipped policy = %+v", p)
+	}
 }
 
 func TestAuditConfigDefaults(t *testing.T) {
 	var c Config
-	body := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\n" +
+	body := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\nattestation: {disabled: true}\n" +
 		"audit: {signing_key: /etc/gpuaas/audit-signing.key, forward: {address: \"sink:7444\", sink_id: \"spiffe://example.org/gpuaas/audit-sink\"}}\n"
 	if err := config.Decode([]byte(body), &c); err != nil {
 		t.Fatal(err)
@@ -76,7 +94,7 @@ func TestStartAuditSignsAtStart(t *testing.T) {
 }
 
 func TestBadConfigNamesTheKey(t *testing.T) {
-	base := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\n"
+	base := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\nattestation: {disabled: true}\n"
 	cases := map[string]struct{ body, key string }{
 		"unknown key":      {base + "listne: x\n", "listne"},
 		"bad listen":       {strings.Replace(base, "127.0.0.1:7443", "nowhere", 1), "listen"},
@@ -88,6 +106,9 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"bad tick":         {base + "tick_interval: 1h\n", "tick_interval"},
 		"tick type":        {base + "tick_interval: [1]\n", "tick_interval"},
 		"audit origin":     {base + "audit: {origin: \"a b\"}\n", "audit.origin"},
+		"no policy":        {strings.Replace(base, "attestation: {disabled: true}\n", "", 1), "attestation.policy_file"},
+		"missing policy":   {strings.Replace(base, "{disabled: true}", "{policy_file: /nonexistent/policy.json}", 1), "attestation.policy_file"},
+		"both":             {strings.Replace(base, "{disabled: true}", "{disabled: true, policy_file: /p.json}", 1), "attestation.disabled"},
 		"relative key":     {base + "audit: {signing_key: k}\n", "audit.signing_key"},
 		"forward unsigned": {base + "audit: {forward: {address: \"s:1\", sink_id: \"spiffe://example.org/sink\"}}\n", "audit.forward"},
 		"forward sink id":  {base + "audit: {signing_key: /k, forward: {address: \"s:1\", sink_id: sink}}\n", "audit.forward.sink_id"},

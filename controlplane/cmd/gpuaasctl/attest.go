@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -14,16 +15,19 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/pkg/attestation"
+	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
 // maxSavedReport bounds a saved report file (report, envelope, base64).
 const maxSavedReport = 4 << 20
 
 func attestCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "attest", Short: "Verify and show node attestation reports offline"}
-	cmd.AddCommand(attestVerifyCmd(g), attestShowCmd(g))
+	cmd := &cobra.Command{Use: "attest", Short: "Show nodes' attestation verdicts, and verify saved reports offline"}
+	cmd.AddCommand(attestVerifyCmd(g), attestShowCmd(g), attestHistoryCmd(g))
 	return cmd
 }
 
@@ -214,22 +218,151 @@ func attestVerifyCmd(g *globals) *cobra.Command {
 
 func attestShowCmd(g *globals) *cobra.Command {
 	var o attestOpts
+	var report, save string
 	cmd := &cobra.Command{
-		Use:   "show REPORT",
-		Short: "Render a saved attestation report for a human: verdict, checks, then the evidence",
-		Args:  cobra.ExactArgs(1),
+		Use:   "show NODE | show --report FILE",
+		Short: "Render a node's attestation for a human: verdict first, then every check, then the evidence",
+		Long: "show NODE asks the control plane for the node's latest verdict and the signed report it\n" +
+			"judged (--save FILE keeps that report for `attest verify`); show --report FILE renders a\n" +
+			"saved report offline, verified against --bundle (and judged with --policy).",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if report != "" {
+				return cobra.NoArgs(cmd, args)
+			}
+			return cobra.ExactArgs(1)(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := g.checkOutput(); err != nil {
 				return err
 			}
-			res, err := g.evaluate(args[0], o)
-			if err != nil {
-				return err
+			if report != "" {
+				res, err := g.evaluate(report, o)
+				if err != nil {
+					return err
+				}
+				return g.printAttest(res, true)
 			}
-			return g.printAttest(res, true)
+			return g.showNodeAttestation(cmd, args[0], save)
 		},
 	}
 	o.flags(cmd)
+	cmd.Flags().StringVar(&report, "report", "", "render this saved report offline instead of asking the control plane")
+	cmd.Flags().StringVar(&save, "save", "", "with NODE: also write the signed report to this file (for `attest verify`)")
+	return cmd
+}
+
+func (g *globals) nodeClient(cmd *cobra.Command) (nodev1.NodeServiceClient, context.Context, func(), error) {
+	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
+	conn, closeConn, err := g.dial(ctx)
+	if err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return nodev1.NewNodeServiceClient(conn), ctx, func() { closeConn(); cancel() }, nil
+}
+
+// attestStatus renders an attestation status as the verdict's word.
+func attestStatus(s nodev1.AttestationStatus) string {
+	if s == nodev1.AttestationStatus_ATTESTATION_STATUS_UNSPECIFIED {
+		return "-"
+	}
+	return strings.TrimPrefix(s.String(), "ATTESTATION_STATUS_")
+}
+
+func verdictFromProto(node string, v *nodev1.AttestationVerdict) attestation.Verdict {
+	out := attestation.Verdict{Node: node, Status: attestation.Status(attestStatus(v.GetStatus())), Checks: []attestation.Check{}}
+	if v.GetReportTime() != nil {
+		out.ReportTime = v.GetReportTime().AsTime()
+	}
+	for _, c := range v.GetChecks() {
+		out.Checks = append(out.Checks, attestation.Check{Name: c.GetName(), OK: c.GetOk(), Expected: c.GetExpected(), Actual: c.GetActual()})
+	}
+	return out
+}
+
+func (g *globals) showNodeAttestation(cmd *cobra.Command, node, save string) error {
+	c, ctx, done, err := g.nodeClient(cmd)
+	if err != nil {
+		return err
+	}
+	defer done()
+	resp, err := c.GetNodeAttestation(ctx, &nodev1.GetNodeAttestationRequest{Id: node})
+	if err != nil {
+		return err
+	}
+	a := resp.GetAttestation()
+	if save != "" {
+		if a.GetReport() == nil {
+			return fmt.Errorf("node %s has no report to save (status %s)", node, attestStatus(a.GetStatus()))
+		}
+		raw, err := protojson.MarshalOptions{Indent: "  "}.Marshal(a.GetReport())
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(save, append(raw, '\n'), 0o600); err != nil {
+			return err
+		}
+	}
+	if g.output == "json" {
+		return g.printJSON(resp)
+	}
+	fmt.Fprintf(g.stdout, "NODE %s: %s\n", node, attestStatus(a.GetStatus()))
+	fmt.Fprintf(g.stdout, "reports %d (pass %d, fail %d, stale %d), last success %s, last failure %s\n\n",
+		a.GetCount(), a.GetPassCount(), a.GetFailCount(), a.GetStaleCount(), tsOrDash(a.GetLastSuccess()), tsOrDash(a.GetLastFailure()))
+	if a.GetLatest() == nil {
+		fmt.Fprintln(g.stdout, "no report judged yet")
+		return nil
+	}
+	res := attestResult{Verdict: verdictFromProto(node, a.GetLatest()), Judged: true}
+	if r := a.GetReport(); r != nil {
+		res.Report, _ = attestation.Decode(r.GetReport())
+	}
+	return g.printAttest(res, true)
+}
+
+func tsOrDash(t *timestamppb.Timestamp) string {
+	if t == nil {
+		return "-"
+	}
+	return t.AsTime().Local().Format(time.RFC3339)
+}
+
+func attestHistoryCmd(g *globals) *cobra.Command {
+	var limit int32
+	cmd := &cobra.Command{
+		Use: "history NODE", Short: "A node's recent attestation verdicts, newest first", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.checkOutput(); err != nil {
+				return err
+			}
+			c, ctx, done, err := g.nodeClient(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.ListNodeAttestations(ctx, &nodev1.ListNodeAttestationsRequest{Id: args[0], PageSize: limit})
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return g.printJSON(resp)
+			}
+			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "VERIFIED\tSTATUS\tREPORT TIME\tFAILED CHECKS\tREPORT SHA256")
+			for _, v := range resp.GetVerdicts() {
+				var failed []string
+				for _, c := range v.GetChecks() {
+					if !c.GetOk() {
+						failed = append(failed, c.GetName())
+					}
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", tsOrDash(v.GetVerifyTime()), attestStatus(v.GetStatus()), tsOrDash(v.GetReportTime()),
+					oneLine(orDash(strings.Join(failed, ","))), orDash(v.GetReportSha256()))
+			}
+			return w.Flush()
+		},
+	}
+	cmd.Flags().Int32Var(&limit, "limit", 20, "at most this many verdicts (1-100)")
 	return cmd
 }
 

@@ -123,7 +123,7 @@ func TestAttestVerifyWithoutPolicyAuthenticatesOnly(t *testing.T) {
 
 func TestAttestShowRendersVerdictChecksAndEvidence(t *testing.T) {
 	bundle, policy, report := attestFiles(t, nil)
-	out, err := ctl(t, "attest", "show", report, "--bundle", bundle, "--policy", policy)
+	out, err := ctl(t, "attest", "show", "--report", report, "--bundle", bundle, "--policy", policy)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func TestAttestShowRendersVerdictChecksAndEvidence(t *testing.T) {
 		}
 	}
 
-	out, err = ctl(t, "attest", "show", report, "--bundle", bundle, "--policy", policy, "-o", "json")
+	out, err = ctl(t, "attest", "show", "--report", report, "--bundle", bundle, "--policy", policy, "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,8 +165,8 @@ func TestAttestRejectsBadInput(t *testing.T) {
 		"not a report":     {"attest", "verify", garbage, "--bundle", bundle},
 		"bad nonce":        {"attest", "verify", report, "--bundle", bundle, "--nonce", "xyz"},
 		"missing policy":   {"attest", "verify", report, "--bundle", bundle, "--policy", policy + ".missing"},
-		"bad output":       {"attest", "show", report, "--bundle", bundle, "-o", "yaml"},
-		"unreadable input": {"attest", "show", report + ".missing", "--bundle", bundle},
+		"bad output":       {"attest", "show", "--report", report, "--bundle", bundle, "-o", "yaml"},
+		"unreadable input": {"attest", "show", "--report", report + ".missing", "--bundle", bundle},
 	} {
 		if out, err := ctl(t, args...); err == nil {
 			t.Errorf("%s: accepted\n%s", name, out)

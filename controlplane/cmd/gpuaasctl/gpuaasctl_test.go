@@ -367,9 +367,20 @@ func TestNodeListAndGetShowLiveCapacity(t *testing.T) {
 		t.Fatalf("with one 3g lease the H200 shows 3g.71gb=%s, want 1", f)
 	}
 
-	rows := tableRows(t, cp.mustCtl(t, "node", "list"), "NODE", "CONNECTED", "GPUS", "LEASES")
-	if len(rows) != 1 || rows[0][0] != "node-a" || rows[0][1] != "true" || rows[0][2] != "1" || rows[0][3] != "1" {
-		t.Fatalf("node list rows = %q, want node-a connected with 1 GPU and 1 lease", rows)
+	rows := tableRows(t, cp.mustCtl(t, "node", "list"), "NODE", "CONNECTED", "ATTESTATION", "SCHEDULING", "GPUS", "LEASES")
+	if len(rows) != 1 || rows[0][0] != "node-a" || rows[0][1] != "true" || rows[0][3] != "ok" || rows[0][4] != "1" || rows[0][5] != "1" {
+		t.Fatalf("node list rows = %q, want node-a connected, schedulable, with 1 GPU and 1 lease", rows)
+	}
+
+	// Cordon and uncordon, with the reason shown and the node's state
+	// returned.
+	rows = tableRows(t, cp.mustCtl(t, "node", "cordon", "node-a", "--reason", "maintenance"), "NODE", "CONNECTED", "ATTESTATION", "SCHEDULING")
+	if len(rows) != 1 || rows[0][3] != "cordoned:" || rows[0][4] != "maintenance" {
+		t.Fatalf("node cordon rows = %q, want node-a cordoned: maintenance", rows)
+	}
+	cordoned := &nodev1.Node{}
+	if err := protojson.Unmarshal([]byte(cp.mustCtl(t, "-o", "json", "node", "uncordon", "node-a")), cordoned); err != nil || cordoned.GetCordoned() {
+		t.Fatalf("node uncordon -o json = %v, %v; want the node uncordoned", cordoned, err)
 	}
 	n := &nodev1.Node{}
 	if err := protojson.Unmarshal([]byte(cp.mustCtl(t, "-o", "json", "node", "get", "node-a")), n); err != nil {

@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -83,7 +84,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.tokenFile, "token-file", os.Getenv("GPUAAS_TOKEN_FILE"), "file holding an OIDC bearer token to authenticate with instead of (or besides) an SVID (GPUAAS_TOKEN_FILE); never pass a token on the command line")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 15*time.Second, "timeout of each call")
-	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g), attestCmd(g))
+	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g), attestCmd(g), usageCmd(g))
 	return root
 }
 
@@ -196,4 +197,12 @@ func devPKICmd(g *globals) *cobra.Command {
 	cmd.Flags().StringSliceVar(&operators, "operators", []string{"admin"}, "operator names to issue SVIDs for")
 	cmd.Flags().DurationVar(&ttl, "ttl", 24*time.Hour, "SVID lifetime")
 	return cmd
+}
+
+// encodeJSON prints a plain Go value as indented JSON (a slice is printed
+// as [] when empty, never null).
+func (g *globals) encodeJSON(v any) error {
+	enc := json.NewEncoder(g.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }

@@ -78,15 +78,58 @@ func nodeCmd(g *globals) *cobra.Command {
 			return w.Flush()
 		},
 	}
-	cmd.AddCommand(list, get)
+	var reason string
+	cordon := func(use, short string, on bool) *cobra.Command {
+		c := &cobra.Command{
+			Use: use + " NODE", Short: short, Args: cobra.ExactArgs(1),
+			RunE: func(cmd *cobra.Command, a []string) error {
+				c, ctx, done, err := client(cmd)
+				if err != nil {
+					return err
+				}
+				defer done()
+				var n *nodev1.Node
+				if on {
+					resp, err := c.CordonNode(ctx, &nodev1.CordonNodeRequest{Id: a[0], Reason: reason})
+					if err != nil {
+						return err
+					}
+					n = resp.GetNode()
+				} else {
+					resp, err := c.UncordonNode(ctx, &nodev1.UncordonNodeRequest{Id: a[0], Reason: reason})
+					if err != nil {
+						return err
+					}
+					n = resp.GetNode()
+				}
+				if g.output == "json" {
+					return g.printJSON(n)
+				}
+				return g.printNodes(n)
+			},
+		}
+		c.Flags().StringVar(&reason, "reason", "", "why (recorded in the audit log)")
+		return c
+	}
+	cmd.AddCommand(list, get,
+		cordon("cordon", "Stop placing new leases on a node (its running leases stay)", true),
+		cordon("uncordon", "Let a cordoned node take leases again (it must also pass attestation)", false))
 	return cmd
 }
 
 func (g *globals) printNodes(ns ...*nodev1.Node) error {
 	w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "NODE\tCONNECTED\tGPUS\tLEASES\tLAST SEEN\tAGENT")
+	fmt.Fprintln(w, "NODE\tCONNECTED\tATTESTATION\tSCHEDULING\tGPUS\tLEASES\tLAST SEEN\tAGENT")
 	for _, n := range ns {
-		fmt.Fprintf(w, "%s\t%v\t%d\t%d\t%s\t%s\n", n.GetId(), n.GetConnected(), len(n.GetInventory().GetGpus()), n.GetLeaseCount(),
+		sched := "ok"
+		switch {
+		case n.GetDown():
+			sched = "down"
+		case n.GetCordoned():
+			sched = "cordoned: " + oneLine(n.GetCordonReason())
+		}
+		fmt.Fprintf(w, "%s\t%v\t%s\t%s\t%d\t%d\t%s\t%s\n", n.GetId(), n.GetConnected(), attestStatus(n.GetAttestation()), sched,
+			len(n.GetInventory().GetGpus()), n.GetLeaseCount(),
 			n.GetLastSeen().AsTime().Local().Format(time.TimeOnly), orDash(n.GetSession().GetAgentVersion()))
 	}
 	return w.Flush()

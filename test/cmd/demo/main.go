@@ -12,6 +12,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -101,6 +103,25 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	if _, err := ctl("node", "get", "node-a"); err != nil {
 		return err
 	}
+	for {
+		out, _ := c.Ctl(ctx, "node", "list")
+		if strings.Contains(out, "PASS") {
+			break
+		}
+		if time.Since(waitNode) > 40*time.Second {
+			return fmt.Errorf("node-a did not pass attestation: %s (see %s)", out, filepath.Join(dir, "controlplane.log"))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	step("node-a passed attestation: its agent answered the control plane's challenge with a report signed by its SVID")
+	saved := filepath.Join(dir, "node-a-attestation.json")
+	if _, err := ctl("attest", "show", "node-a", "--save", saved); err != nil {
+		return err
+	}
+	step("a reviewer verifies the saved report offline, with only the trust bundle and the policy")
+	if _, err := ctl("attest", "verify", saved, "--bundle", c.PKI.BundlePath, "--policy", c.PolicyPath(), "--node", "node-a"); err != nil {
+		return err
+	}
 
 	step("creating three leases of different profiles")
 	loop := "echo hello from $(hostname) on $NVIDIA_VISIBLE_DEVICES as uid $(id -u); echo network: $(ls /sys/class/net | tr '\\n' ' ')address $(ip -4 -o addr show dev eth0 | awk '{print $4}'); echo cloud metadata: $(nc -w 2 169.254.169.254 80 </dev/null 2>&1); i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done"
@@ -150,6 +171,15 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 		fmt.Printf("--- output of %s (%s):\n%s", l.name, l.id, indent(lastLines(string(out), 4)))
 	}
 
+	step("signed telemetry: each partition's readings carry its lease on the agent's Prometheus endpoint (dcgm-exporter names)")
+	time.Sleep(2500 * time.Millisecond) // one more sampling interval
+	for _, line := range metricLines("http://"+c.MetricsAddr["node-a"]+"/metrics", "DCGM_FI_PROF_GR_ENGINE_ACTIVE{", `lease="l-`) {
+		fmt.Println("  " + line)
+	}
+	for _, line := range metricLines("http://"+c.CPMetricsAddr+"/metrics", "gpuaas_controlplane_telemetry_reports_total", "") {
+		fmt.Println("  control plane: " + line)
+	}
+
 	step("cancelling %s", leases[0].name)
 	if _, err := ctl("lease", "cancel", leases[0].id, "--reason", "demo"); err != nil {
 		return err
@@ -180,6 +210,13 @@ func run(ctx context.Context, binDir string, keep bool) (err error) {
 	}
 	verify, err := ctl("audit", "verify", "--db", db, "--key", c.AuditPub)
 	if err != nil {
+		return err
+	}
+	step("the usage ledger: one entry per lease that ran, GPU time weighted by the share of the GPU it held")
+	if _, err := ctl("usage", "--db", db); err != nil {
+		return err
+	}
+	if _, err := ctl("usage", "--db", db, "--summary"); err != nil {
 		return err
 	}
 	step("summary")
@@ -220,4 +257,25 @@ func lastLines(s string, n int) string {
 
 func indent(s string) string {
 	return "    " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n    ") + "\n"
+}
+
+// metricLines fetches a Prometheus text endpoint and returns the lines that
+// start with prefix and contain sub.
+func metricLines(url, prefix, sub string) []string {
+	resp, err := http.Get(url)
+	if err != nil {
+		return []string{"(" + err.Error() + ")"}
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return []string{"(" + err.Error() + ")"}
+	}
+	var out []string
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, prefix) && strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return out
 }

@@ -14,6 +14,7 @@ import (
 	v1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -38,6 +39,7 @@ type SessionRequest struct {
 	//	*SessionRequest_Audit
 	//	*SessionRequest_ChallengeResponse
 	//	*SessionRequest_LogChunk
+	//	*SessionRequest_Telemetry
 	Msg           isSessionRequest_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -134,6 +136,15 @@ func (x *SessionRequest) GetLogChunk() *LogChunk {
 	return nil
 }
 
+func (x *SessionRequest) GetTelemetry() *TelemetryReport {
+	if x != nil {
+		if x, ok := x.Msg.(*SessionRequest_Telemetry); ok {
+			return x.Telemetry
+		}
+	}
+	return nil
+}
+
 type isSessionRequest_Msg interface {
 	isSessionRequest_Msg()
 }
@@ -162,6 +173,10 @@ type SessionRequest_LogChunk struct {
 	LogChunk *LogChunk `protobuf:"bytes,6,opt,name=log_chunk,json=logChunk,proto3,oneof"`
 }
 
+type SessionRequest_Telemetry struct {
+	Telemetry *TelemetryReport `protobuf:"bytes,7,opt,name=telemetry,proto3,oneof"`
+}
+
 func (*SessionRequest_Hello) isSessionRequest_Msg() {}
 
 func (*SessionRequest_Observed) isSessionRequest_Msg() {}
@@ -173,6 +188,8 @@ func (*SessionRequest_Audit) isSessionRequest_Msg() {}
 func (*SessionRequest_ChallengeResponse) isSessionRequest_Msg() {}
 
 func (*SessionRequest_LogChunk) isSessionRequest_Msg() {}
+
+func (*SessionRequest_Telemetry) isSessionRequest_Msg() {}
 
 // SessionResponse is a control plane -> agent message.
 type SessionResponse struct {
@@ -1082,18 +1099,406 @@ func (x *LogChunk) GetError() string {
 	return ""
 }
 
+// TelemetryReport is one signed sample of every GPU and MIG device of a
+// node. payload is a TelemetryPayload in protobuf wire form, sent exactly
+// as signed: the control plane verifies the signature over these bytes
+// before it decodes them, so no canonical re-encoding is involved.
+//
+// The signature is Ed25519 (RFC 8032) over
+// "gpuaas.telemetry/v1\n" || SHA-256(payload), made with the agent's
+// telemetry key:
+// a key the agent generates at start and never writes to disk, whose
+// public half is in the agent's latest attestation report (signed with its
+// X509-SVID). A report is therefore only as trusted as the attested agent
+// that sent it; the control plane refuses telemetry from a node before it
+// has a verified report from it.
+type TelemetryReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Payload       []byte                 `protobuf:"bytes,1,opt,name=payload,proto3" json:"payload,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TelemetryReport) Reset() {
+	*x = TelemetryReport{}
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TelemetryReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TelemetryReport) ProtoMessage() {}
+
+func (x *TelemetryReport) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TelemetryReport.ProtoReflect.Descriptor instead.
+func (*TelemetryReport) Descriptor() ([]byte, []int) {
+	return file_gpuaas_agent_v1_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *TelemetryReport) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
+func (x *TelemetryReport) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+// TelemetryPayload is the signed content of a TelemetryReport.
+type TelemetryPayload struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// SHA-256 of the Ed25519 public key that signs this report (as carried in
+	// the attestation report), so a verifier can pick the key.
+	KeyId []byte `protobuf:"bytes,2,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Strictly increasing for one key; the control plane refuses a report
+	// whose sequence is not above the last it accepted (a replay or a
+	// reordering).
+	Sequence uint64                 `protobuf:"varint,3,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	Time     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
+	// The sampling interval the agent runs at.
+	Interval      *durationpb.Duration `protobuf:"bytes,5,opt,name=interval,proto3" json:"interval,omitempty"`
+	Devices       []*DeviceSample      `protobuf:"bytes,6,rep,name=devices,proto3" json:"devices,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TelemetryPayload) Reset() {
+	*x = TelemetryPayload{}
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TelemetryPayload) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TelemetryPayload) ProtoMessage() {}
+
+func (x *TelemetryPayload) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TelemetryPayload.ProtoReflect.Descriptor instead.
+func (*TelemetryPayload) Descriptor() ([]byte, []int) {
+	return file_gpuaas_agent_v1_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *TelemetryPayload) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *TelemetryPayload) GetKeyId() []byte {
+	if x != nil {
+		return x.KeyId
+	}
+	return nil
+}
+
+func (x *TelemetryPayload) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *TelemetryPayload) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *TelemetryPayload) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *TelemetryPayload) GetDevices() []*DeviceSample {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+// DeviceSample is one reading of a physical GPU or of one MIG device. A
+// field a device does not report (a MIG device has no power or temperature
+// of its own, utilization is unsupported on MIG) is absent, never zero.
+type DeviceSample struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// GPU-... for a physical GPU, MIG-... for a MIG device.
+	Uuid string `protobuf:"bytes,1,opt,name=uuid,proto3" json:"uuid,omitempty"`
+	// The physical GPU (equal to uuid for a physical GPU).
+	GpuUuid  string `protobuf:"bytes,2,opt,name=gpu_uuid,json=gpuUuid,proto3" json:"gpu_uuid,omitempty"`
+	GpuIndex uint32 `protobuf:"varint,3,opt,name=gpu_index,json=gpuIndex,proto3" json:"gpu_index,omitempty"`
+	// For a MIG device: its GPU instance id and profile name (e.g. 1g.18gb).
+	GpuInstanceId uint32 `protobuf:"varint,4,opt,name=gpu_instance_id,json=gpuInstanceId,proto3" json:"gpu_instance_id,omitempty"`
+	Profile       string `protobuf:"bytes,5,opt,name=profile,proto3" json:"profile,omitempty"`
+	// The lease bound to the device and its tenant; empty when idle.
+	LeaseId string `protobuf:"bytes,6,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	Tenant  string `protobuf:"bytes,7,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// Graphics engine utilization, percent (plain GPUs only).
+	UtilizationPct *uint32 `protobuf:"varint,8,opt,name=utilization_pct,json=utilizationPct,proto3,oneof" json:"utilization_pct,omitempty"`
+	// GR engine activity, percent (MIG devices: NVML's GR engine active).
+	GrEngineActivePct         *uint32 `protobuf:"varint,9,opt,name=gr_engine_active_pct,json=grEngineActivePct,proto3,oneof" json:"gr_engine_active_pct,omitempty"`
+	MemoryUsedMib             *uint64 `protobuf:"varint,10,opt,name=memory_used_mib,json=memoryUsedMib,proto3,oneof" json:"memory_used_mib,omitempty"`
+	MemoryFreeMib             *uint64 `protobuf:"varint,11,opt,name=memory_free_mib,json=memoryFreeMib,proto3,oneof" json:"memory_free_mib,omitempty"`
+	PowerMilliwatt            *uint32 `protobuf:"varint,12,opt,name=power_milliwatt,json=powerMilliwatt,proto3,oneof" json:"power_milliwatt,omitempty"`
+	TemperatureC              *uint32 `protobuf:"varint,13,opt,name=temperature_c,json=temperatureC,proto3,oneof" json:"temperature_c,omitempty"`
+	EccCorrectedVolatile      *uint64 `protobuf:"varint,14,opt,name=ecc_corrected_volatile,json=eccCorrectedVolatile,proto3,oneof" json:"ecc_corrected_volatile,omitempty"`
+	EccUncorrectedVolatile    *uint64 `protobuf:"varint,15,opt,name=ecc_uncorrected_volatile,json=eccUncorrectedVolatile,proto3,oneof" json:"ecc_uncorrected_volatile,omitempty"`
+	RemappedRowsCorrectable   *uint32 `protobuf:"varint,16,opt,name=remapped_rows_correctable,json=remappedRowsCorrectable,proto3,oneof" json:"remapped_rows_correctable,omitempty"`
+	RemappedRowsUncorrectable *uint32 `protobuf:"varint,17,opt,name=remapped_rows_uncorrectable,json=remappedRowsUncorrectable,proto3,oneof" json:"remapped_rows_uncorrectable,omitempty"`
+	RemapPending              *bool   `protobuf:"varint,18,opt,name=remap_pending,json=remapPending,proto3,oneof" json:"remap_pending,omitempty"`
+	RemapFailed               *bool   `protobuf:"varint,19,opt,name=remap_failed,json=remapFailed,proto3,oneof" json:"remap_failed,omitempty"`
+	SmClockMhz                *uint32 `protobuf:"varint,20,opt,name=sm_clock_mhz,json=smClockMhz,proto3,oneof" json:"sm_clock_mhz,omitempty"`
+	MemoryClockMhz            *uint32 `protobuf:"varint,21,opt,name=memory_clock_mhz,json=memoryClockMhz,proto3,oneof" json:"memory_clock_mhz,omitempty"`
+	// NVML clocks event (throttle) reasons bit mask.
+	ThrottleReasons *uint64 `protobuf:"varint,22,opt,name=throttle_reasons,json=throttleReasons,proto3,oneof" json:"throttle_reasons,omitempty"`
+	// XIDs reported for this device since the previous report, oldest first.
+	Xids          []uint64 `protobuf:"varint,23,rep,packed,name=xids,proto3" json:"xids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceSample) Reset() {
+	*x = DeviceSample{}
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceSample) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceSample) ProtoMessage() {}
+
+func (x *DeviceSample) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_agent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceSample.ProtoReflect.Descriptor instead.
+func (*DeviceSample) Descriptor() ([]byte, []int) {
+	return file_gpuaas_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DeviceSample) GetUuid() string {
+	if x != nil {
+		return x.Uuid
+	}
+	return ""
+}
+
+func (x *DeviceSample) GetGpuUuid() string {
+	if x != nil {
+		return x.GpuUuid
+	}
+	return ""
+}
+
+func (x *DeviceSample) GetGpuIndex() uint32 {
+	if x != nil {
+		return x.GpuIndex
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetGpuInstanceId() uint32 {
+	if x != nil {
+		return x.GpuInstanceId
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetProfile() string {
+	if x != nil {
+		return x.Profile
+	}
+	return ""
+}
+
+func (x *DeviceSample) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *DeviceSample) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *DeviceSample) GetUtilizationPct() uint32 {
+	if x != nil && x.UtilizationPct != nil {
+		return *x.UtilizationPct
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetGrEngineActivePct() uint32 {
+	if x != nil && x.GrEngineActivePct != nil {
+		return *x.GrEngineActivePct
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetMemoryUsedMib() uint64 {
+	if x != nil && x.MemoryUsedMib != nil {
+		return *x.MemoryUsedMib
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetMemoryFreeMib() uint64 {
+	if x != nil && x.MemoryFreeMib != nil {
+		return *x.MemoryFreeMib
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetPowerMilliwatt() uint32 {
+	if x != nil && x.PowerMilliwatt != nil {
+		return *x.PowerMilliwatt
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetTemperatureC() uint32 {
+	if x != nil && x.TemperatureC != nil {
+		return *x.TemperatureC
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetEccCorrectedVolatile() uint64 {
+	if x != nil && x.EccCorrectedVolatile != nil {
+		return *x.EccCorrectedVolatile
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetEccUncorrectedVolatile() uint64 {
+	if x != nil && x.EccUncorrectedVolatile != nil {
+		return *x.EccUncorrectedVolatile
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetRemappedRowsCorrectable() uint32 {
+	if x != nil && x.RemappedRowsCorrectable != nil {
+		return *x.RemappedRowsCorrectable
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetRemappedRowsUncorrectable() uint32 {
+	if x != nil && x.RemappedRowsUncorrectable != nil {
+		return *x.RemappedRowsUncorrectable
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetRemapPending() bool {
+	if x != nil && x.RemapPending != nil {
+		return *x.RemapPending
+	}
+	return false
+}
+
+func (x *DeviceSample) GetRemapFailed() bool {
+	if x != nil && x.RemapFailed != nil {
+		return *x.RemapFailed
+	}
+	return false
+}
+
+func (x *DeviceSample) GetSmClockMhz() uint32 {
+	if x != nil && x.SmClockMhz != nil {
+		return *x.SmClockMhz
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetMemoryClockMhz() uint32 {
+	if x != nil && x.MemoryClockMhz != nil {
+		return *x.MemoryClockMhz
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetThrottleReasons() uint64 {
+	if x != nil && x.ThrottleReasons != nil {
+		return *x.ThrottleReasons
+	}
+	return 0
+}
+
+func (x *DeviceSample) GetXids() []uint64 {
+	if x != nil {
+		return x.Xids
+	}
+	return nil
+}
+
 var File_gpuaas_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x1bgpuaas/agent/v1/agent.proto\x12\x0fgpuaas.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bgpuaas/lease/v1/lease.proto\x1a\x19gpuaas/node/v1/node.proto\"\x86\x03\n" +
+	"\x1bgpuaas/agent/v1/agent.proto\x12\x0fgpuaas.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bgpuaas/lease/v1/lease.proto\x1a\x19gpuaas/node/v1/node.proto\"\xc8\x03\n" +
 	"\x0eSessionRequest\x12.\n" +
 	"\x05hello\x18\x01 \x01(\v2\x16.gpuaas.agent.v1.HelloH\x00R\x05hello\x12<\n" +
 	"\bobserved\x18\x02 \x01(\v2\x1e.gpuaas.agent.v1.ObservedStateH\x00R\bobserved\x12:\n" +
 	"\theartbeat\x18\x03 \x01(\v2\x1a.gpuaas.agent.v1.HeartbeatH\x00R\theartbeat\x124\n" +
 	"\x05audit\x18\x04 \x01(\v2\x1c.gpuaas.agent.v1.AuditEventsH\x00R\x05audit\x12S\n" +
 	"\x12challenge_response\x18\x05 \x01(\v2\".gpuaas.agent.v1.ChallengeResponseH\x00R\x11challengeResponse\x128\n" +
-	"\tlog_chunk\x18\x06 \x01(\v2\x19.gpuaas.agent.v1.LogChunkH\x00R\blogChunkB\x05\n" +
+	"\tlog_chunk\x18\x06 \x01(\v2\x19.gpuaas.agent.v1.LogChunkH\x00R\blogChunk\x12@\n" +
+	"\ttelemetry\x18\a \x01(\v2 .gpuaas.agent.v1.TelemetryReportH\x00R\ttelemetryB\x05\n" +
 	"\x03msg\"\xf9\x01\n" +
 	"\x0fSessionResponse\x129\n" +
 	"\adesired\x18\x01 \x01(\v2\x1d.gpuaas.agent.v1.DesiredStateH\x00R\adesired\x12:\n" +
@@ -1167,7 +1572,60 @@ const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x10\n" +
 	"\x03eof\x18\x03 \x01(\bR\x03eof\x12\x1c\n" +
 	"\ttruncated\x18\x04 \x01(\bR\ttruncated\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error2`\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"I\n" +
+	"\x0fTelemetryReport\x12\x18\n" +
+	"\apayload\x18\x01 \x01(\fR\apayload\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\"\xfe\x01\n" +
+	"\x10TelemetryPayload\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x15\n" +
+	"\x06key_id\x18\x02 \x01(\fR\x05keyId\x12\x1a\n" +
+	"\bsequence\x18\x03 \x01(\x04R\bsequence\x12.\n" +
+	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x125\n" +
+	"\binterval\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\binterval\x127\n" +
+	"\adevices\x18\x06 \x03(\v2\x1d.gpuaas.agent.v1.DeviceSampleR\adevices\"\xa0\n" +
+	"\n" +
+	"\fDeviceSample\x12\x12\n" +
+	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x19\n" +
+	"\bgpu_uuid\x18\x02 \x01(\tR\agpuUuid\x12\x1b\n" +
+	"\tgpu_index\x18\x03 \x01(\rR\bgpuIndex\x12&\n" +
+	"\x0fgpu_instance_id\x18\x04 \x01(\rR\rgpuInstanceId\x12\x18\n" +
+	"\aprofile\x18\x05 \x01(\tR\aprofile\x12\x19\n" +
+	"\blease_id\x18\x06 \x01(\tR\aleaseId\x12\x16\n" +
+	"\x06tenant\x18\a \x01(\tR\x06tenant\x12,\n" +
+	"\x0futilization_pct\x18\b \x01(\rH\x00R\x0eutilizationPct\x88\x01\x01\x124\n" +
+	"\x14gr_engine_active_pct\x18\t \x01(\rH\x01R\x11grEngineActivePct\x88\x01\x01\x12+\n" +
+	"\x0fmemory_used_mib\x18\n" +
+	" \x01(\x04H\x02R\rmemoryUsedMib\x88\x01\x01\x12+\n" +
+	"\x0fmemory_free_mib\x18\v \x01(\x04H\x03R\rmemoryFreeMib\x88\x01\x01\x12,\n" +
+	"\x0fpower_milliwatt\x18\f \x01(\rH\x04R\x0epowerMilliwatt\x88\x01\x01\x12(\n" +
+	"\rtemperature_c\x18\r \x01(\rH\x05R\ftemperatureC\x88\x01\x01\x129\n" +
+	"\x16ecc_corrected_volatile\x18\x0e \x01(\x04H\x06R\x14eccCorrectedVolatile\x88\x01\x01\x12=\n" +
+	"\x18ecc_uncorrected_volatile\x18\x0f \x01(\x04H\aR\x16eccUncorrectedVolatile\x88\x01\x01\x12?\n" +
+	"\x19remapped_rows_correctable\x18\x10 \x01(\rH\bR\x17remappedRowsCorrectable\x88\x01\x01\x12C\n" +
+	"\x1bremapped_rows_uncorrectable\x18\x11 \x01(\rH\tR\x19remappedRowsUncorrectable\x88\x01\x01\x12(\n" +
+	"\rremap_pending\x18\x12 \x01(\bH\n" +
+	"R\fremapPending\x88\x01\x01\x12&\n" +
+	"\fremap_failed\x18\x13 \x01(\bH\vR\vremapFailed\x88\x01\x01\x12%\n" +
+	"\fsm_clock_mhz\x18\x14 \x01(\rH\fR\n" +
+	"smClockMhz\x88\x01\x01\x12-\n" +
+	"\x10memory_clock_mhz\x18\x15 \x01(\rH\rR\x0ememoryClockMhz\x88\x01\x01\x12.\n" +
+	"\x10throttle_reasons\x18\x16 \x01(\x04H\x0eR\x0fthrottleReasons\x88\x01\x01\x12\x12\n" +
+	"\x04xids\x18\x17 \x03(\x04R\x04xidsB\x12\n" +
+	"\x10_utilization_pctB\x17\n" +
+	"\x15_gr_engine_active_pctB\x12\n" +
+	"\x10_memory_used_mibB\x12\n" +
+	"\x10_memory_free_mibB\x12\n" +
+	"\x10_power_milliwattB\x10\n" +
+	"\x0e_temperature_cB\x19\n" +
+	"\x17_ecc_corrected_volatileB\x1b\n" +
+	"\x19_ecc_uncorrected_volatileB\x1c\n" +
+	"\x1a_remapped_rows_correctableB\x1e\n" +
+	"\x1c_remapped_rows_uncorrectableB\x10\n" +
+	"\x0e_remap_pendingB\x0f\n" +
+	"\r_remap_failedB\x0f\n" +
+	"\r_sm_clock_mhzB\x13\n" +
+	"\x11_memory_clock_mhzB\x13\n" +
+	"\x11_throttle_reasons2`\n" +
 	"\fAgentService\x12P\n" +
 	"\aSession\x12\x1f.gpuaas.agent.v1.SessionRequest\x1a .gpuaas.agent.v1.SessionResponse(\x010\x01B8Z6github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1;agentv1b\x06proto3"
 
@@ -1183,7 +1641,7 @@ func file_gpuaas_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_gpuaas_agent_v1_agent_proto_rawDescData
 }
 
-var file_gpuaas_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_gpuaas_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_gpuaas_agent_v1_agent_proto_goTypes = []any{
 	(*SessionRequest)(nil),        // 0: gpuaas.agent.v1.SessionRequest
 	(*SessionResponse)(nil),       // 1: gpuaas.agent.v1.SessionResponse
@@ -1199,12 +1657,16 @@ var file_gpuaas_agent_v1_agent_proto_goTypes = []any{
 	(*ChallengeResponse)(nil),     // 11: gpuaas.agent.v1.ChallengeResponse
 	(*LogRequest)(nil),            // 12: gpuaas.agent.v1.LogRequest
 	(*LogChunk)(nil),              // 13: gpuaas.agent.v1.LogChunk
-	nil,                           // 14: gpuaas.agent.v1.AuditEvent.DetailsEntry
-	(*v1.Inventory)(nil),          // 15: gpuaas.node.v1.Inventory
-	(*v11.Lease)(nil),             // 16: gpuaas.lease.v1.Lease
-	(v11.Phase)(0),                // 17: gpuaas.lease.v1.Phase
-	(*v11.LeaseStatus)(nil),       // 18: gpuaas.lease.v1.LeaseStatus
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
+	(*TelemetryReport)(nil),       // 14: gpuaas.agent.v1.TelemetryReport
+	(*TelemetryPayload)(nil),      // 15: gpuaas.agent.v1.TelemetryPayload
+	(*DeviceSample)(nil),          // 16: gpuaas.agent.v1.DeviceSample
+	nil,                           // 17: gpuaas.agent.v1.AuditEvent.DetailsEntry
+	(*v1.Inventory)(nil),          // 18: gpuaas.node.v1.Inventory
+	(*v11.Lease)(nil),             // 19: gpuaas.lease.v1.Lease
+	(v11.Phase)(0),                // 20: gpuaas.lease.v1.Phase
+	(*v11.LeaseStatus)(nil),       // 21: gpuaas.lease.v1.LeaseStatus
+	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
 }
 var file_gpuaas_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: gpuaas.agent.v1.SessionRequest.hello:type_name -> gpuaas.agent.v1.Hello
@@ -1213,28 +1675,32 @@ var file_gpuaas_agent_v1_agent_proto_depIdxs = []int32{
 	8,  // 3: gpuaas.agent.v1.SessionRequest.audit:type_name -> gpuaas.agent.v1.AuditEvents
 	11, // 4: gpuaas.agent.v1.SessionRequest.challenge_response:type_name -> gpuaas.agent.v1.ChallengeResponse
 	13, // 5: gpuaas.agent.v1.SessionRequest.log_chunk:type_name -> gpuaas.agent.v1.LogChunk
-	3,  // 6: gpuaas.agent.v1.SessionResponse.desired:type_name -> gpuaas.agent.v1.DesiredState
-	10, // 7: gpuaas.agent.v1.SessionResponse.challenge:type_name -> gpuaas.agent.v1.Challenge
-	9,  // 8: gpuaas.agent.v1.SessionResponse.ack:type_name -> gpuaas.agent.v1.Ack
-	12, // 9: gpuaas.agent.v1.SessionResponse.log_request:type_name -> gpuaas.agent.v1.LogRequest
-	15, // 10: gpuaas.agent.v1.Hello.inventory:type_name -> gpuaas.node.v1.Inventory
-	16, // 11: gpuaas.agent.v1.DesiredState.leases:type_name -> gpuaas.lease.v1.Lease
-	5,  // 12: gpuaas.agent.v1.ObservedState.leases:type_name -> gpuaas.agent.v1.ObservedLease
-	15, // 13: gpuaas.agent.v1.ObservedState.inventory:type_name -> gpuaas.node.v1.Inventory
-	17, // 14: gpuaas.agent.v1.ObservedLease.phase:type_name -> gpuaas.lease.v1.Phase
-	18, // 15: gpuaas.agent.v1.ObservedLease.status:type_name -> gpuaas.lease.v1.LeaseStatus
-	19, // 16: gpuaas.agent.v1.ObservedLease.update_time:type_name -> google.protobuf.Timestamp
-	19, // 17: gpuaas.agent.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	19, // 18: gpuaas.agent.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	14, // 19: gpuaas.agent.v1.AuditEvent.details:type_name -> gpuaas.agent.v1.AuditEvent.DetailsEntry
-	7,  // 20: gpuaas.agent.v1.AuditEvents.events:type_name -> gpuaas.agent.v1.AuditEvent
-	0,  // 21: gpuaas.agent.v1.AgentService.Session:input_type -> gpuaas.agent.v1.SessionRequest
-	1,  // 22: gpuaas.agent.v1.AgentService.Session:output_type -> gpuaas.agent.v1.SessionResponse
-	22, // [22:23] is the sub-list for method output_type
-	21, // [21:22] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	14, // 6: gpuaas.agent.v1.SessionRequest.telemetry:type_name -> gpuaas.agent.v1.TelemetryReport
+	3,  // 7: gpuaas.agent.v1.SessionResponse.desired:type_name -> gpuaas.agent.v1.DesiredState
+	10, // 8: gpuaas.agent.v1.SessionResponse.challenge:type_name -> gpuaas.agent.v1.Challenge
+	9,  // 9: gpuaas.agent.v1.SessionResponse.ack:type_name -> gpuaas.agent.v1.Ack
+	12, // 10: gpuaas.agent.v1.SessionResponse.log_request:type_name -> gpuaas.agent.v1.LogRequest
+	18, // 11: gpuaas.agent.v1.Hello.inventory:type_name -> gpuaas.node.v1.Inventory
+	19, // 12: gpuaas.agent.v1.DesiredState.leases:type_name -> gpuaas.lease.v1.Lease
+	5,  // 13: gpuaas.agent.v1.ObservedState.leases:type_name -> gpuaas.agent.v1.ObservedLease
+	18, // 14: gpuaas.agent.v1.ObservedState.inventory:type_name -> gpuaas.node.v1.Inventory
+	20, // 15: gpuaas.agent.v1.ObservedLease.phase:type_name -> gpuaas.lease.v1.Phase
+	21, // 16: gpuaas.agent.v1.ObservedLease.status:type_name -> gpuaas.lease.v1.LeaseStatus
+	22, // 17: gpuaas.agent.v1.ObservedLease.update_time:type_name -> google.protobuf.Timestamp
+	22, // 18: gpuaas.agent.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	22, // 19: gpuaas.agent.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	17, // 20: gpuaas.agent.v1.AuditEvent.details:type_name -> gpuaas.agent.v1.AuditEvent.DetailsEntry
+	7,  // 21: gpuaas.agent.v1.AuditEvents.events:type_name -> gpuaas.agent.v1.AuditEvent
+	22, // 22: gpuaas.agent.v1.TelemetryPayload.time:type_name -> google.protobuf.Timestamp
+	23, // 23: gpuaas.agent.v1.TelemetryPayload.interval:type_name -> google.protobuf.Duration
+	16, // 24: gpuaas.agent.v1.TelemetryPayload.devices:type_name -> gpuaas.agent.v1.DeviceSample
+	0,  // 25: gpuaas.agent.v1.AgentService.Session:input_type -> gpuaas.agent.v1.SessionRequest
+	1,  // 26: gpuaas.agent.v1.AgentService.Session:output_type -> gpuaas.agent.v1.SessionResponse
+	26, // [26:27] is the sub-list for method output_type
+	25, // [25:26] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_gpuaas_agent_v1_agent_proto_init() }
@@ -1249,6 +1715,7 @@ func file_gpuaas_agent_v1_agent_proto_init() {
 		(*SessionRequest_Audit)(nil),
 		(*SessionRequest_ChallengeResponse)(nil),
 		(*SessionRequest_LogChunk)(nil),
+		(*SessionRequest_Telemetry)(nil),
 	}
 	file_gpuaas_agent_v1_agent_proto_msgTypes[1].OneofWrappers = []any{
 		(*SessionResponse_Desired)(nil),
@@ -1256,13 +1723,14 @@ func file_gpuaas_agent_v1_agent_proto_init() {
 		(*SessionResponse_Ack)(nil),
 		(*SessionResponse_LogRequest)(nil),
 	}
+	file_gpuaas_agent_v1_agent_proto_msgTypes[16].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpuaas_agent_v1_agent_proto_rawDesc), len(file_gpuaas_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -10,6 +10,7 @@
 package nodev1
 
 import (
+	_ "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -24,6 +25,66 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// AttestationStatus is a node's attestation result.
+type AttestationStatus int32
+
+const (
+	AttestationStatus_ATTESTATION_STATUS_UNSPECIFIED AttestationStatus = 0
+	// Every check of the latest report held, and it is fresh.
+	AttestationStatus_ATTESTATION_STATUS_PASS AttestationStatus = 1
+	// At least one check failed; the node is cordoned.
+	AttestationStatus_ATTESTATION_STATUS_FAIL AttestationStatus = 2
+	// The latest good report is too old, or a challenge went unanswered.
+	AttestationStatus_ATTESTATION_STATUS_STALE AttestationStatus = 3
+	// No report has been verified yet.
+	AttestationStatus_ATTESTATION_STATUS_PENDING AttestationStatus = 4
+)
+
+// Enum value maps for AttestationStatus.
+var (
+	AttestationStatus_name = map[int32]string{
+		0: "ATTESTATION_STATUS_UNSPECIFIED",
+		1: "ATTESTATION_STATUS_PASS",
+		2: "ATTESTATION_STATUS_FAIL",
+		3: "ATTESTATION_STATUS_STALE",
+		4: "ATTESTATION_STATUS_PENDING",
+	}
+	AttestationStatus_value = map[string]int32{
+		"ATTESTATION_STATUS_UNSPECIFIED": 0,
+		"ATTESTATION_STATUS_PASS":        1,
+		"ATTESTATION_STATUS_FAIL":        2,
+		"ATTESTATION_STATUS_STALE":       3,
+		"ATTESTATION_STATUS_PENDING":     4,
+	}
+)
+
+func (x AttestationStatus) Enum() *AttestationStatus {
+	p := new(AttestationStatus)
+	*p = x
+	return p
+}
+
+func (x AttestationStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AttestationStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_gpuaas_node_v1_node_proto_enumTypes[0].Descriptor()
+}
+
+func (AttestationStatus) Type() protoreflect.EnumType {
+	return &file_gpuaas_node_v1_node_proto_enumTypes[0]
+}
+
+func (x AttestationStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AttestationStatus.Descriptor instead.
+func (AttestationStatus) EnumDescriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{0}
+}
 
 // Inventory is what an agent reports of its host's GPUs.
 type Inventory struct {
@@ -587,7 +648,16 @@ type Node struct {
 	// The live session, if connected.
 	Session *Session `protobuf:"bytes,6,opt,name=session,proto3" json:"session,omitempty"`
 	// Live (non-terminal) leases on the node.
-	LeaseCount    uint32 `protobuf:"varint,7,opt,name=lease_count,json=leaseCount,proto3" json:"lease_count,omitempty"`
+	LeaseCount uint32 `protobuf:"varint,7,opt,name=lease_count,json=leaseCount,proto3" json:"lease_count,omitempty"`
+	// The node's attestation status now: a node that is not PASS gets no
+	// new leases.
+	Attestation AttestationStatus `protobuf:"varint,8,opt,name=attestation,proto3,enum=gpuaas.node.v1.AttestationStatus" json:"attestation,omitempty"`
+	// A cordoned node gets no new leases; why, and who cordoned it.
+	Cordoned     bool   `protobuf:"varint,9,opt,name=cordoned,proto3" json:"cordoned,omitempty"`
+	CordonReason string `protobuf:"bytes,10,opt,name=cordon_reason,json=cordonReason,proto3" json:"cordon_reason,omitempty"`
+	CordonedBy   string `protobuf:"bytes,11,opt,name=cordoned_by,json=cordonedBy,proto3" json:"cordoned_by,omitempty"`
+	// The node missed its heartbeat TTL and its leases were marked LOST.
+	Down          bool `protobuf:"varint,12,opt,name=down,proto3" json:"down,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -671,6 +741,749 @@ func (x *Node) GetLeaseCount() uint32 {
 	return 0
 }
 
+func (x *Node) GetAttestation() AttestationStatus {
+	if x != nil {
+		return x.Attestation
+	}
+	return AttestationStatus_ATTESTATION_STATUS_UNSPECIFIED
+}
+
+func (x *Node) GetCordoned() bool {
+	if x != nil {
+		return x.Cordoned
+	}
+	return false
+}
+
+func (x *Node) GetCordonReason() string {
+	if x != nil {
+		return x.CordonReason
+	}
+	return ""
+}
+
+func (x *Node) GetCordonedBy() string {
+	if x != nil {
+		return x.CordonedBy
+	}
+	return ""
+}
+
+func (x *Node) GetDown() bool {
+	if x != nil {
+		return x.Down
+	}
+	return false
+}
+
+// AttestationCheck is one evaluated check of a report.
+type AttestationCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Ok            bool                   `protobuf:"varint,2,opt,name=ok,proto3" json:"ok,omitempty"`
+	Expected      string                 `protobuf:"bytes,3,opt,name=expected,proto3" json:"expected,omitempty"`
+	Actual        string                 `protobuf:"bytes,4,opt,name=actual,proto3" json:"actual,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AttestationCheck) Reset() {
+	*x = AttestationCheck{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttestationCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttestationCheck) ProtoMessage() {}
+
+func (x *AttestationCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttestationCheck.ProtoReflect.Descriptor instead.
+func (*AttestationCheck) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *AttestationCheck) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AttestationCheck) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *AttestationCheck) GetExpected() string {
+	if x != nil {
+		return x.Expected
+	}
+	return ""
+}
+
+func (x *AttestationCheck) GetActual() string {
+	if x != nil {
+		return x.Actual
+	}
+	return ""
+}
+
+// AttestationVerdict is the result for one report.
+type AttestationVerdict struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Status AttestationStatus      `protobuf:"varint,1,opt,name=status,proto3,enum=gpuaas.node.v1.AttestationStatus" json:"status,omitempty"`
+	// Every check, passed or failed.
+	Checks []*AttestationCheck `protobuf:"bytes,2,rep,name=checks,proto3" json:"checks,omitempty"`
+	// When the agent made the report, and when the control plane judged it.
+	ReportTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=report_time,json=reportTime,proto3" json:"report_time,omitempty"`
+	VerifyTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=verify_time,json=verifyTime,proto3" json:"verify_time,omitempty"`
+	// Lower-case hex SHA-256 of the canonical report bytes.
+	ReportSha256  string `protobuf:"bytes,5,opt,name=report_sha256,json=reportSha256,proto3" json:"report_sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AttestationVerdict) Reset() {
+	*x = AttestationVerdict{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttestationVerdict) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttestationVerdict) ProtoMessage() {}
+
+func (x *AttestationVerdict) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttestationVerdict.ProtoReflect.Descriptor instead.
+func (*AttestationVerdict) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *AttestationVerdict) GetStatus() AttestationStatus {
+	if x != nil {
+		return x.Status
+	}
+	return AttestationStatus_ATTESTATION_STATUS_UNSPECIFIED
+}
+
+func (x *AttestationVerdict) GetChecks() []*AttestationCheck {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+func (x *AttestationVerdict) GetReportTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ReportTime
+	}
+	return nil
+}
+
+func (x *AttestationVerdict) GetVerifyTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.VerifyTime
+	}
+	return nil
+}
+
+func (x *AttestationVerdict) GetReportSha256() string {
+	if x != nil {
+		return x.ReportSha256
+	}
+	return ""
+}
+
+// SignedReport is a report as the agent sent it. Its protojson form is the
+// same as the session's ChallengeResponse, which `gpuaasctl attest verify`
+// reads offline.
+type SignedReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nonce         []byte                 `protobuf:"bytes,1,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	Report        []byte                 `protobuf:"bytes,2,opt,name=report,proto3" json:"report,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignedReport) Reset() {
+	*x = SignedReport{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignedReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignedReport) ProtoMessage() {}
+
+func (x *SignedReport) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignedReport.ProtoReflect.Descriptor instead.
+func (*SignedReport) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SignedReport) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+func (x *SignedReport) GetReport() []byte {
+	if x != nil {
+		return x.Report
+	}
+	return nil
+}
+
+func (x *SignedReport) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+// NodeAttestation is a node's attestation state.
+type NodeAttestation struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	// The status now (a PASS past the policy's max age reads STALE).
+	Status AttestationStatus   `protobuf:"varint,2,opt,name=status,proto3,enum=gpuaas.node.v1.AttestationStatus" json:"status,omitempty"`
+	Latest *AttestationVerdict `protobuf:"bytes,3,opt,name=latest,proto3" json:"latest,omitempty"`
+	// The report the latest verdict judged (absent while PENDING).
+	Report        *SignedReport          `protobuf:"bytes,4,opt,name=report,proto3" json:"report,omitempty"`
+	Count         uint64                 `protobuf:"varint,5,opt,name=count,proto3" json:"count,omitempty"`
+	PassCount     uint64                 `protobuf:"varint,6,opt,name=pass_count,json=passCount,proto3" json:"pass_count,omitempty"`
+	FailCount     uint64                 `protobuf:"varint,7,opt,name=fail_count,json=failCount,proto3" json:"fail_count,omitempty"`
+	StaleCount    uint64                 `protobuf:"varint,8,opt,name=stale_count,json=staleCount,proto3" json:"stale_count,omitempty"`
+	LastSuccess   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_success,json=lastSuccess,proto3" json:"last_success,omitempty"`
+	LastFailure   *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=last_failure,json=lastFailure,proto3" json:"last_failure,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeAttestation) Reset() {
+	*x = NodeAttestation{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeAttestation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeAttestation) ProtoMessage() {}
+
+func (x *NodeAttestation) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeAttestation.ProtoReflect.Descriptor instead.
+func (*NodeAttestation) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *NodeAttestation) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *NodeAttestation) GetStatus() AttestationStatus {
+	if x != nil {
+		return x.Status
+	}
+	return AttestationStatus_ATTESTATION_STATUS_UNSPECIFIED
+}
+
+func (x *NodeAttestation) GetLatest() *AttestationVerdict {
+	if x != nil {
+		return x.Latest
+	}
+	return nil
+}
+
+func (x *NodeAttestation) GetReport() *SignedReport {
+	if x != nil {
+		return x.Report
+	}
+	return nil
+}
+
+func (x *NodeAttestation) GetCount() uint64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *NodeAttestation) GetPassCount() uint64 {
+	if x != nil {
+		return x.PassCount
+	}
+	return 0
+}
+
+func (x *NodeAttestation) GetFailCount() uint64 {
+	if x != nil {
+		return x.FailCount
+	}
+	return 0
+}
+
+func (x *NodeAttestation) GetStaleCount() uint64 {
+	if x != nil {
+		return x.StaleCount
+	}
+	return 0
+}
+
+func (x *NodeAttestation) GetLastSuccess() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSuccess
+	}
+	return nil
+}
+
+func (x *NodeAttestation) GetLastFailure() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastFailure
+	}
+	return nil
+}
+
+type CordonNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CordonNodeRequest) Reset() {
+	*x = CordonNodeRequest{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CordonNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CordonNodeRequest) ProtoMessage() {}
+
+func (x *CordonNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CordonNodeRequest.ProtoReflect.Descriptor instead.
+func (*CordonNodeRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *CordonNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *CordonNodeRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type CordonNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CordonNodeResponse) Reset() {
+	*x = CordonNodeResponse{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CordonNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CordonNodeResponse) ProtoMessage() {}
+
+func (x *CordonNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CordonNodeResponse.ProtoReflect.Descriptor instead.
+func (*CordonNodeResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *CordonNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type UncordonNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UncordonNodeRequest) Reset() {
+	*x = UncordonNodeRequest{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UncordonNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UncordonNodeRequest) ProtoMessage() {}
+
+func (x *UncordonNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UncordonNodeRequest.ProtoReflect.Descriptor instead.
+func (*UncordonNodeRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *UncordonNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UncordonNodeRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type UncordonNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UncordonNodeResponse) Reset() {
+	*x = UncordonNodeResponse{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UncordonNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UncordonNodeResponse) ProtoMessage() {}
+
+func (x *UncordonNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UncordonNodeResponse.ProtoReflect.Descriptor instead.
+func (*UncordonNodeResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *UncordonNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type GetNodeAttestationRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetNodeAttestationRequest) Reset() {
+	*x = GetNodeAttestationRequest{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetNodeAttestationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetNodeAttestationRequest) ProtoMessage() {}
+
+func (x *GetNodeAttestationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetNodeAttestationRequest.ProtoReflect.Descriptor instead.
+func (*GetNodeAttestationRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GetNodeAttestationRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type GetNodeAttestationResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Attestation   *NodeAttestation       `protobuf:"bytes,1,opt,name=attestation,proto3" json:"attestation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetNodeAttestationResponse) Reset() {
+	*x = GetNodeAttestationResponse{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetNodeAttestationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetNodeAttestationResponse) ProtoMessage() {}
+
+func (x *GetNodeAttestationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetNodeAttestationResponse.ProtoReflect.Descriptor instead.
+func (*GetNodeAttestationResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *GetNodeAttestationResponse) GetAttestation() *NodeAttestation {
+	if x != nil {
+		return x.Attestation
+	}
+	return nil
+}
+
+type ListNodeAttestationsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// At most this many verdicts (default and maximum 100).
+	PageSize      int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodeAttestationsRequest) Reset() {
+	*x = ListNodeAttestationsRequest{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodeAttestationsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodeAttestationsRequest) ProtoMessage() {}
+
+func (x *ListNodeAttestationsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodeAttestationsRequest.ProtoReflect.Descriptor instead.
+func (*ListNodeAttestationsRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ListNodeAttestationsRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ListNodeAttestationsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+type ListNodeAttestationsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Verdicts      []*AttestationVerdict  `protobuf:"bytes,1,rep,name=verdicts,proto3" json:"verdicts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListNodeAttestationsResponse) Reset() {
+	*x = ListNodeAttestationsResponse{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListNodeAttestationsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListNodeAttestationsResponse) ProtoMessage() {}
+
+func (x *ListNodeAttestationsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListNodeAttestationsResponse.ProtoReflect.Descriptor instead.
+func (*ListNodeAttestationsResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ListNodeAttestationsResponse) GetVerdicts() []*AttestationVerdict {
+	if x != nil {
+		return x.Verdicts
+	}
+	return nil
+}
+
 type ListNodesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -679,7 +1492,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[8]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +1504,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[8]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +1517,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{8}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{20}
 }
 
 type ListNodesResponse struct {
@@ -716,7 +1529,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[9]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +1541,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[9]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +1554,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{9}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -760,7 +1573,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[10]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +1585,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[10]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +1598,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{10}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetNodeRequest) GetId() string {
@@ -804,7 +1617,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[11]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -816,7 +1629,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[11]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -829,7 +1642,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{11}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetNodeResponse) GetNode() *Node {
@@ -843,7 +1656,7 @@ var File_gpuaas_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\n" +
-	"\x19gpuaas/node/v1/node.proto\x12\x0egpuaas.node.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n" +
+	"\x19gpuaas/node/v1/node.proto\x12\x0egpuaas.node.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dgpuaas/audit/v1/options.proto\"[\n" +
 	"\tInventory\x12%\n" +
 	"\x0edriver_version\x18\x01 \x01(\tR\rdriverVersion\x12'\n" +
 	"\x04gpus\x18\x02 \x03(\v2\x13.gpuaas.node.v1.GpuR\x04gpus\"\xbd\x03\n" +
@@ -894,7 +1707,7 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\vremote_addr\x18\x02 \x01(\tR\n" +
 	"remoteAddr\x12=\n" +
 	"\fconnect_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\vconnectTime\x12#\n" +
-	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\"\xb3\x02\n" +
+	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\"\xee\x03\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x127\n" +
@@ -903,17 +1716,86 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\bcapacity\x18\x05 \x03(\v2\x1b.gpuaas.node.v1.GpuCapacityR\bcapacity\x121\n" +
 	"\asession\x18\x06 \x01(\v2\x17.gpuaas.node.v1.SessionR\asession\x12\x1f\n" +
 	"\vlease_count\x18\a \x01(\rR\n" +
-	"leaseCount\"\x12\n" +
+	"leaseCount\x12C\n" +
+	"\vattestation\x18\b \x01(\x0e2!.gpuaas.node.v1.AttestationStatusR\vattestation\x12\x1a\n" +
+	"\bcordoned\x18\t \x01(\bR\bcordoned\x12#\n" +
+	"\rcordon_reason\x18\n" +
+	" \x01(\tR\fcordonReason\x12\x1f\n" +
+	"\vcordoned_by\x18\v \x01(\tR\n" +
+	"cordonedBy\x12\x12\n" +
+	"\x04down\x18\f \x01(\bR\x04down\"j\n" +
+	"\x10AttestationCheck\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x1a\n" +
+	"\bexpected\x18\x03 \x01(\tR\bexpected\x12\x16\n" +
+	"\x06actual\x18\x04 \x01(\tR\x06actual\"\xa8\x02\n" +
+	"\x12AttestationVerdict\x129\n" +
+	"\x06status\x18\x01 \x01(\x0e2!.gpuaas.node.v1.AttestationStatusR\x06status\x128\n" +
+	"\x06checks\x18\x02 \x03(\v2 .gpuaas.node.v1.AttestationCheckR\x06checks\x12;\n" +
+	"\vreport_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"reportTime\x12;\n" +
+	"\vverify_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"verifyTime\x12#\n" +
+	"\rreport_sha256\x18\x05 \x01(\tR\freportSha256\"Z\n" +
+	"\fSignedReport\x12\x14\n" +
+	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12\x16\n" +
+	"\x06report\x18\x02 \x01(\fR\x06report\x12\x1c\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\"\xca\x03\n" +
+	"\x0fNodeAttestation\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x129\n" +
+	"\x06status\x18\x02 \x01(\x0e2!.gpuaas.node.v1.AttestationStatusR\x06status\x12:\n" +
+	"\x06latest\x18\x03 \x01(\v2\".gpuaas.node.v1.AttestationVerdictR\x06latest\x124\n" +
+	"\x06report\x18\x04 \x01(\v2\x1c.gpuaas.node.v1.SignedReportR\x06report\x12\x14\n" +
+	"\x05count\x18\x05 \x01(\x04R\x05count\x12\x1d\n" +
+	"\n" +
+	"pass_count\x18\x06 \x01(\x04R\tpassCount\x12\x1d\n" +
+	"\n" +
+	"fail_count\x18\a \x01(\x04R\tfailCount\x12\x1f\n" +
+	"\vstale_count\x18\b \x01(\x04R\n" +
+	"staleCount\x12=\n" +
+	"\flast_success\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vlastSuccess\x12=\n" +
+	"\flast_failure\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\vlastFailure\";\n" +
+	"\x11CordonNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\">\n" +
+	"\x12CordonNodeResponse\x12(\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node\"=\n" +
+	"\x13UncordonNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
+	"\x14UncordonNodeResponse\x12(\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node\"+\n" +
+	"\x19GetNodeAttestationRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"_\n" +
+	"\x1aGetNodeAttestationResponse\x12A\n" +
+	"\vattestation\x18\x01 \x01(\v2\x1f.gpuaas.node.v1.NodeAttestationR\vattestation\"J\n" +
+	"\x1bListNodeAttestationsRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\"^\n" +
+	"\x1cListNodeAttestationsResponse\x12>\n" +
+	"\bverdicts\x18\x01 \x03(\v2\".gpuaas.node.v1.AttestationVerdictR\bverdicts\"\x12\n" +
 	"\x10ListNodesRequest\"?\n" +
 	"\x11ListNodesResponse\x12*\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x14.gpuaas.node.v1.NodeR\x05nodes\" \n" +
 	"\x0eGetNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\";\n" +
 	"\x0fGetNodeResponse\x12(\n" +
-	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node2\xab\x01\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node*\xaf\x01\n" +
+	"\x11AttestationStatus\x12\"\n" +
+	"\x1eATTESTATION_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17ATTESTATION_STATUS_PASS\x10\x01\x12\x1b\n" +
+	"\x17ATTESTATION_STATUS_FAIL\x10\x02\x12\x1c\n" +
+	"\x18ATTESTATION_STATUS_STALE\x10\x03\x12\x1e\n" +
+	"\x1aATTESTATION_STATUS_PENDING\x10\x042\xc7\x04\n" +
 	"\vNodeService\x12P\n" +
 	"\tListNodes\x12 .gpuaas.node.v1.ListNodesRequest\x1a!.gpuaas.node.v1.ListNodesResponse\x12J\n" +
-	"\aGetNode\x12\x1e.gpuaas.node.v1.GetNodeRequest\x1a\x1f.gpuaas.node.v1.GetNodeResponseB6Z4github.com/gpuaas/gpuaas/proto/gpuaas/node/v1;nodev1b\x06proto3"
+	"\aGetNode\x12\x1e.gpuaas.node.v1.GetNodeRequest\x1a\x1f.gpuaas.node.v1.GetNodeResponse\x12Y\n" +
+	"\n" +
+	"CordonNode\x12!.gpuaas.node.v1.CordonNodeRequest\x1a\".gpuaas.node.v1.CordonNodeResponse\"\x04\x88\xe7\x18\x01\x12_\n" +
+	"\fUncordonNode\x12#.gpuaas.node.v1.UncordonNodeRequest\x1a$.gpuaas.node.v1.UncordonNodeResponse\"\x04\x88\xe7\x18\x01\x12k\n" +
+	"\x12GetNodeAttestation\x12).gpuaas.node.v1.GetNodeAttestationRequest\x1a*.gpuaas.node.v1.GetNodeAttestationResponse\x12q\n" +
+	"\x14ListNodeAttestations\x12+.gpuaas.node.v1.ListNodeAttestationsRequest\x1a,.gpuaas.node.v1.ListNodeAttestationsResponseB6Z4github.com/gpuaas/gpuaas/proto/gpuaas/node/v1;nodev1b\x06proto3"
 
 var (
 	file_gpuaas_node_v1_node_proto_rawDescOnce sync.Once
@@ -927,43 +1809,79 @@ func file_gpuaas_node_v1_node_proto_rawDescGZIP() []byte {
 	return file_gpuaas_node_v1_node_proto_rawDescData
 }
 
-var file_gpuaas_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_gpuaas_node_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_gpuaas_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_gpuaas_node_v1_node_proto_goTypes = []any{
-	(*Inventory)(nil),             // 0: gpuaas.node.v1.Inventory
-	(*Gpu)(nil),                   // 1: gpuaas.node.v1.Gpu
-	(*MigProfile)(nil),            // 2: gpuaas.node.v1.MigProfile
-	(*MigInstance)(nil),           // 3: gpuaas.node.v1.MigInstance
-	(*ProfileCapacity)(nil),       // 4: gpuaas.node.v1.ProfileCapacity
-	(*GpuCapacity)(nil),           // 5: gpuaas.node.v1.GpuCapacity
-	(*Session)(nil),               // 6: gpuaas.node.v1.Session
-	(*Node)(nil),                  // 7: gpuaas.node.v1.Node
-	(*ListNodesRequest)(nil),      // 8: gpuaas.node.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),     // 9: gpuaas.node.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),        // 10: gpuaas.node.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),       // 11: gpuaas.node.v1.GetNodeResponse
-	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(AttestationStatus)(0),               // 0: gpuaas.node.v1.AttestationStatus
+	(*Inventory)(nil),                    // 1: gpuaas.node.v1.Inventory
+	(*Gpu)(nil),                          // 2: gpuaas.node.v1.Gpu
+	(*MigProfile)(nil),                   // 3: gpuaas.node.v1.MigProfile
+	(*MigInstance)(nil),                  // 4: gpuaas.node.v1.MigInstance
+	(*ProfileCapacity)(nil),              // 5: gpuaas.node.v1.ProfileCapacity
+	(*GpuCapacity)(nil),                  // 6: gpuaas.node.v1.GpuCapacity
+	(*Session)(nil),                      // 7: gpuaas.node.v1.Session
+	(*Node)(nil),                         // 8: gpuaas.node.v1.Node
+	(*AttestationCheck)(nil),             // 9: gpuaas.node.v1.AttestationCheck
+	(*AttestationVerdict)(nil),           // 10: gpuaas.node.v1.AttestationVerdict
+	(*SignedReport)(nil),                 // 11: gpuaas.node.v1.SignedReport
+	(*NodeAttestation)(nil),              // 12: gpuaas.node.v1.NodeAttestation
+	(*CordonNodeRequest)(nil),            // 13: gpuaas.node.v1.CordonNodeRequest
+	(*CordonNodeResponse)(nil),           // 14: gpuaas.node.v1.CordonNodeResponse
+	(*UncordonNodeRequest)(nil),          // 15: gpuaas.node.v1.UncordonNodeRequest
+	(*UncordonNodeResponse)(nil),         // 16: gpuaas.node.v1.UncordonNodeResponse
+	(*GetNodeAttestationRequest)(nil),    // 17: gpuaas.node.v1.GetNodeAttestationRequest
+	(*GetNodeAttestationResponse)(nil),   // 18: gpuaas.node.v1.GetNodeAttestationResponse
+	(*ListNodeAttestationsRequest)(nil),  // 19: gpuaas.node.v1.ListNodeAttestationsRequest
+	(*ListNodeAttestationsResponse)(nil), // 20: gpuaas.node.v1.ListNodeAttestationsResponse
+	(*ListNodesRequest)(nil),             // 21: gpuaas.node.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),            // 22: gpuaas.node.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),               // 23: gpuaas.node.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),              // 24: gpuaas.node.v1.GetNodeResponse
+	(*timestamppb.Timestamp)(nil),        // 25: google.protobuf.Timestamp
 }
 var file_gpuaas_node_v1_node_proto_depIdxs = []int32{
-	1,  // 0: gpuaas.node.v1.Inventory.gpus:type_name -> gpuaas.node.v1.Gpu
-	2,  // 1: gpuaas.node.v1.Gpu.profiles:type_name -> gpuaas.node.v1.MigProfile
-	3,  // 2: gpuaas.node.v1.Gpu.instances:type_name -> gpuaas.node.v1.MigInstance
-	4,  // 3: gpuaas.node.v1.GpuCapacity.profiles:type_name -> gpuaas.node.v1.ProfileCapacity
-	12, // 4: gpuaas.node.v1.Session.connect_time:type_name -> google.protobuf.Timestamp
-	12, // 5: gpuaas.node.v1.Node.last_seen:type_name -> google.protobuf.Timestamp
-	0,  // 6: gpuaas.node.v1.Node.inventory:type_name -> gpuaas.node.v1.Inventory
-	5,  // 7: gpuaas.node.v1.Node.capacity:type_name -> gpuaas.node.v1.GpuCapacity
-	6,  // 8: gpuaas.node.v1.Node.session:type_name -> gpuaas.node.v1.Session
-	7,  // 9: gpuaas.node.v1.ListNodesResponse.nodes:type_name -> gpuaas.node.v1.Node
-	7,  // 10: gpuaas.node.v1.GetNodeResponse.node:type_name -> gpuaas.node.v1.Node
-	8,  // 11: gpuaas.node.v1.NodeService.ListNodes:input_type -> gpuaas.node.v1.ListNodesRequest
-	10, // 12: gpuaas.node.v1.NodeService.GetNode:input_type -> gpuaas.node.v1.GetNodeRequest
-	9,  // 13: gpuaas.node.v1.NodeService.ListNodes:output_type -> gpuaas.node.v1.ListNodesResponse
-	11, // 14: gpuaas.node.v1.NodeService.GetNode:output_type -> gpuaas.node.v1.GetNodeResponse
-	13, // [13:15] is the sub-list for method output_type
-	11, // [11:13] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	2,  // 0: gpuaas.node.v1.Inventory.gpus:type_name -> gpuaas.node.v1.Gpu
+	3,  // 1: gpuaas.node.v1.Gpu.profiles:type_name -> gpuaas.node.v1.MigProfile
+	4,  // 2: gpuaas.node.v1.Gpu.instances:type_name -> gpuaas.node.v1.MigInstance
+	5,  // 3: gpuaas.node.v1.GpuCapacity.profiles:type_name -> gpuaas.node.v1.ProfileCapacity
+	25, // 4: gpuaas.node.v1.Session.connect_time:type_name -> google.protobuf.Timestamp
+	25, // 5: gpuaas.node.v1.Node.last_seen:type_name -> google.protobuf.Timestamp
+	1,  // 6: gpuaas.node.v1.Node.inventory:type_name -> gpuaas.node.v1.Inventory
+	6,  // 7: gpuaas.node.v1.Node.capacity:type_name -> gpuaas.node.v1.GpuCapacity
+	7,  // 8: gpuaas.node.v1.Node.session:type_name -> gpuaas.node.v1.Session
+	0,  // 9: gpuaas.node.v1.Node.attestation:type_name -> gpuaas.node.v1.AttestationStatus
+	0,  // 10: gpuaas.node.v1.AttestationVerdict.status:type_name -> gpuaas.node.v1.AttestationStatus
+	9,  // 11: gpuaas.node.v1.AttestationVerdict.checks:type_name -> gpuaas.node.v1.AttestationCheck
+	25, // 12: gpuaas.node.v1.AttestationVerdict.report_time:type_name -> google.protobuf.Timestamp
+	25, // 13: gpuaas.node.v1.AttestationVerdict.verify_time:type_name -> google.protobuf.Timestamp
+	0,  // 14: gpuaas.node.v1.NodeAttestation.status:type_name -> gpuaas.node.v1.AttestationStatus
+	10, // 15: gpuaas.node.v1.NodeAttestation.latest:type_name -> gpuaas.node.v1.AttestationVerdict
+	11, // 16: gpuaas.node.v1.NodeAttestation.report:type_name -> gpuaas.node.v1.SignedReport
+	25, // 17: gpuaas.node.v1.NodeAttestation.last_success:type_name -> google.protobuf.Timestamp
+	25, // 18: gpuaas.node.v1.NodeAttestation.last_failure:type_name -> google.protobuf.Timestamp
+	8,  // 19: gpuaas.node.v1.CordonNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	8,  // 20: gpuaas.node.v1.UncordonNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	12, // 21: gpuaas.node.v1.GetNodeAttestationResponse.attestation:type_name -> gpuaas.node.v1.NodeAttestation
+	10, // 22: gpuaas.node.v1.ListNodeAttestationsResponse.verdicts:type_name -> gpuaas.node.v1.AttestationVerdict
+	8,  // 23: gpuaas.node.v1.ListNodesResponse.nodes:type_name -> gpuaas.node.v1.Node
+	8,  // 24: gpuaas.node.v1.GetNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	21, // 25: gpuaas.node.v1.NodeService.ListNodes:input_type -> gpuaas.node.v1.ListNodesRequest
+	23, // 26: gpuaas.node.v1.NodeService.GetNode:input_type -> gpuaas.node.v1.GetNodeRequest
+	13, // 27: gpuaas.node.v1.NodeService.CordonNode:input_type -> gpuaas.node.v1.CordonNodeRequest
+	15, // 28: gpuaas.node.v1.NodeService.UncordonNode:input_type -> gpuaas.node.v1.UncordonNodeRequest
+	17, // 29: gpuaas.node.v1.NodeService.GetNodeAttestation:input_type -> gpuaas.node.v1.GetNodeAttestationRequest
+	19, // 30: gpuaas.node.v1.NodeService.ListNodeAttestations:input_type -> gpuaas.node.v1.ListNodeAttestationsRequest
+	22, // 31: gpuaas.node.v1.NodeService.ListNodes:output_type -> gpuaas.node.v1.ListNodesResponse
+	24, // 32: gpuaas.node.v1.NodeService.GetNode:output_type -> gpuaas.node.v1.GetNodeResponse
+	14, // 33: gpuaas.node.v1.NodeService.CordonNode:output_type -> gpuaas.node.v1.CordonNodeResponse
+	16, // 34: gpuaas.node.v1.NodeService.UncordonNode:output_type -> gpuaas.node.v1.UncordonNodeResponse
+	18, // 35: gpuaas.node.v1.NodeService.GetNodeAttestation:output_type -> gpuaas.node.v1.GetNodeAttestationResponse
+	20, // 36: gpuaas.node.v1.NodeService.ListNodeAttestations:output_type -> gpuaas.node.v1.ListNodeAttestationsResponse
+	31, // [31:37] is the sub-list for method output_type
+	25, // [25:31] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_gpuaas_node_v1_node_proto_init() }
@@ -976,13 +1894,14 @@ func file_gpuaas_node_v1_node_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpuaas_node_v1_node_proto_rawDesc), len(file_gpuaas_node_v1_node_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   12,
+			NumEnums:      1,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_gpuaas_node_v1_node_proto_goTypes,
 		DependencyIndexes: file_gpuaas_node_v1_node_proto_depIdxs,
+		EnumInfos:         file_gpuaas_node_v1_node_proto_enumTypes,
 		MessageInfos:      file_gpuaas_node_v1_node_proto_msgTypes,
 	}.Build()
 	File_gpuaas_node_v1_node_proto = out.File

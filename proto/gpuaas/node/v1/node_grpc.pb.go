@@ -22,8 +22,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	NodeService_ListNodes_FullMethodName = "/gpuaas.node.v1.NodeService/ListNodes"
-	NodeService_GetNode_FullMethodName   = "/gpuaas.node.v1.NodeService/GetNode"
+	NodeService_ListNodes_FullMethodName            = "/gpuaas.node.v1.NodeService/ListNodes"
+	NodeService_GetNode_FullMethodName              = "/gpuaas.node.v1.NodeService/GetNode"
+	NodeService_CordonNode_FullMethodName           = "/gpuaas.node.v1.NodeService/CordonNode"
+	NodeService_UncordonNode_FullMethodName         = "/gpuaas.node.v1.NodeService/UncordonNode"
+	NodeService_GetNodeAttestation_FullMethodName   = "/gpuaas.node.v1.NodeService/GetNodeAttestation"
+	NodeService_ListNodeAttestations_FullMethodName = "/gpuaas.node.v1.NodeService/ListNodeAttestations"
 )
 
 // NodeServiceClient is the client API for NodeService service.
@@ -34,6 +38,16 @@ const (
 type NodeServiceClient interface {
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 	GetNode(ctx context.Context, in *GetNodeRequest, opts ...grpc.CallOption) (*GetNodeResponse, error)
+	// CordonNode stops new leases from being placed on a node; its running
+	// leases stay. UncordonNode reverses it, also after an attestation
+	// failure cordoned the node.
+	CordonNode(ctx context.Context, in *CordonNodeRequest, opts ...grpc.CallOption) (*CordonNodeResponse, error)
+	UncordonNode(ctx context.Context, in *UncordonNodeRequest, opts ...grpc.CallOption) (*UncordonNodeResponse, error)
+	// GetNodeAttestation is a node's latest attestation verdict with the
+	// signed report it was made from, and its counts.
+	GetNodeAttestation(ctx context.Context, in *GetNodeAttestationRequest, opts ...grpc.CallOption) (*GetNodeAttestationResponse, error)
+	// ListNodeAttestations is a node's recent verdicts, newest first.
+	ListNodeAttestations(ctx context.Context, in *ListNodeAttestationsRequest, opts ...grpc.CallOption) (*ListNodeAttestationsResponse, error)
 }
 
 type nodeServiceClient struct {
@@ -64,6 +78,46 @@ func (c *nodeServiceClient) GetNode(ctx context.Context, in *GetNodeRequest, opt
 	return out, nil
 }
 
+func (c *nodeServiceClient) CordonNode(ctx context.Context, in *CordonNodeRequest, opts ...grpc.CallOption) (*CordonNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CordonNodeResponse)
+	err := c.cc.Invoke(ctx, NodeService_CordonNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *nodeServiceClient) UncordonNode(ctx context.Context, in *UncordonNodeRequest, opts ...grpc.CallOption) (*UncordonNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UncordonNodeResponse)
+	err := c.cc.Invoke(ctx, NodeService_UncordonNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *nodeServiceClient) GetNodeAttestation(ctx context.Context, in *GetNodeAttestationRequest, opts ...grpc.CallOption) (*GetNodeAttestationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetNodeAttestationResponse)
+	err := c.cc.Invoke(ctx, NodeService_GetNodeAttestation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *nodeServiceClient) ListNodeAttestations(ctx context.Context, in *ListNodeAttestationsRequest, opts ...grpc.CallOption) (*ListNodeAttestationsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListNodeAttestationsResponse)
+	err := c.cc.Invoke(ctx, NodeService_ListNodeAttestations_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // NodeServiceServer is the server API for NodeService service.
 // All implementations must embed UnimplementedNodeServiceServer
 // for forward compatibility.
@@ -72,6 +126,16 @@ func (c *nodeServiceClient) GetNode(ctx context.Context, in *GetNodeRequest, opt
 type NodeServiceServer interface {
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	GetNode(context.Context, *GetNodeRequest) (*GetNodeResponse, error)
+	// CordonNode stops new leases from being placed on a node; its running
+	// leases stay. UncordonNode reverses it, also after an attestation
+	// failure cordoned the node.
+	CordonNode(context.Context, *CordonNodeRequest) (*CordonNodeResponse, error)
+	UncordonNode(context.Context, *UncordonNodeRequest) (*UncordonNodeResponse, error)
+	// GetNodeAttestation is a node's latest attestation verdict with the
+	// signed report it was made from, and its counts.
+	GetNodeAttestation(context.Context, *GetNodeAttestationRequest) (*GetNodeAttestationResponse, error)
+	// ListNodeAttestations is a node's recent verdicts, newest first.
+	ListNodeAttestations(context.Context, *ListNodeAttestationsRequest) (*ListNodeAttestationsResponse, error)
 	mustEmbedUnimplementedNodeServiceServer()
 }
 
@@ -87,6 +151,18 @@ func (UnimplementedNodeServiceServer) ListNodes(context.Context, *ListNodesReque
 }
 func (UnimplementedNodeServiceServer) GetNode(context.Context, *GetNodeRequest) (*GetNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetNode not implemented")
+}
+func (UnimplementedNodeServiceServer) CordonNode(context.Context, *CordonNodeRequest) (*CordonNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CordonNode not implemented")
+}
+func (UnimplementedNodeServiceServer) UncordonNode(context.Context, *UncordonNodeRequest) (*UncordonNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UncordonNode not implemented")
+}
+func (UnimplementedNodeServiceServer) GetNodeAttestation(context.Context, *GetNodeAttestationRequest) (*GetNodeAttestationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetNodeAttestation not implemented")
+}
+func (UnimplementedNodeServiceServer) ListNodeAttestations(context.Context, *ListNodeAttestationsRequest) (*ListNodeAttestationsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListNodeAttestations not implemented")
 }
 func (UnimplementedNodeServiceServer) mustEmbedUnimplementedNodeServiceServer() {}
 func (UnimplementedNodeServiceServer) testEmbeddedByValue()                     {}
@@ -145,6 +221,78 @@ func _NodeService_GetNode_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NodeService_CordonNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CordonNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).CordonNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_CordonNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).CordonNode(ctx, req.(*CordonNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _NodeService_UncordonNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UncordonNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).UncordonNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_UncordonNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).UncordonNode(ctx, req.(*UncordonNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _NodeService_GetNodeAttestation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetNodeAttestationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).GetNodeAttestation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_GetNodeAttestation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).GetNodeAttestation(ctx, req.(*GetNodeAttestationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _NodeService_ListNodeAttestations_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListNodeAttestationsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).ListNodeAttestations(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_ListNodeAttestations_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).ListNodeAttestations(ctx, req.(*ListNodeAttestationsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // NodeService_ServiceDesc is the grpc.ServiceDesc for NodeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -159,6 +307,22 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetNode",
 			Handler:    _NodeService_GetNode_Handler,
+		},
+		{
+			MethodName: "CordonNode",
+			Handler:    _NodeService_CordonNode_Handler,
+		},
+		{
+			MethodName: "UncordonNode",
+			Handler:    _NodeService_UncordonNode_Handler,
+		},
+		{
+			MethodName: "GetNodeAttestation",
+			Handler:    _NodeService_GetNodeAttestation_Handler,
+		},
+		{
+			MethodName: "ListNodeAttestations",
+			Handler:    _NodeService_ListNodeAttestations_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
