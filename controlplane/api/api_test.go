@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -35,6 +36,8 @@ type server struct {
 	td     spiffeid.TrustDomain
 	leases *lease.Service
 	logs   *LogRelay
+	// leaseStore can make the lease server's audit writes fail.
+	leaseStore *failableStore
 }
 
 // startServer runs the real control plane edge on loopback with the dev PKI.
@@ -70,7 +73,8 @@ func startServerWith(t testing.TB, logs *LogRelay, configure ...func(*AgentServe
 		c(as, src)
 	}
 	agentv1.RegisterAgentServiceServer(srv, as)
-	leasev1.RegisterLeaseServiceServer(srv, &LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
+	gate := &failableStore{Store: st}
+	leasev1.RegisterLeaseServiceServer(srv, &LeaseServer{Leases: leases, Store: gate, Logs: logs, Log: log})
 	nodev1.RegisterNodeServiceServer(srv, &NodeServer{Fleet: reg, Leases: leases})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -78,7 +82,21 @@ func startServerWith(t testing.TB, logs *LogRelay, configure ...func(*AgentServe
 	}
 	go srv.Serve(lis)
 	t.Cleanup(func() { srv.Stop(); st.Close() })
-	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases, logs: logs}
+	return &server{addr: lis.Addr().String(), pki: pki, st: st, td: pki.TrustDomain, leases: leases, logs: logs, leaseStore: gate}
+}
+
+// failableStore is the lease server's store (which it writes only for the
+// GetLeaseLogs audit) with a switch that makes every write fail.
+type failableStore struct {
+	store.Store
+	fail atomic.Bool
+}
+
+func (f *failableStore) Update(ctx context.Context, fn func(store.Tx) error) error {
+	if f.fail.Load() {
+		return errors.New("injected: store unavailable")
+	}
+	return f.Store.Update(ctx, fn)
 }
 
 // addNode records a node the way a first agent session does.

@@ -131,10 +131,13 @@ func (s *LeaseServer) WatchLeases(req *leasev1.WatchLeasesRequest, stream leasev
 }
 
 // GetLeaseLogs streams the lease's captured output from the agent of the
-// node that holds it. Every call, whatever its outcome, appends one audit
-// entry "lease.logs" when it ends: the entry records what was disclosed
-// (bytes, truncated), which is known only then. If the entry cannot be
-// written the call fails.
+// node that holds it. Every call appends exactly one audit entry
+// "lease.logs", and fails closed: a call refused before the agent is asked
+// is audited as refused when it ends; a call that is granted is audited
+// before the agent is asked, so no byte is disclosed unless its entry is
+// committed (if it cannot be written, the call fails with AUDIT_FAILED and
+// discloses nothing). The entry records the grant (tail and byte limit);
+// what was then sent (bytes, truncated, a failure) is logged.
 func (s *LeaseServer) GetLeaseLogs(req *leasev1.GetLeaseLogsRequest, stream leasev1.LeaseService_GetLeaseLogsServer) (err error) {
 	ctx := stream.Context()
 	c, err := caller(ctx)
@@ -144,12 +147,13 @@ func (s *LeaseServer) GetLeaseLogs(req *leasev1.GetLeaseLogsRequest, stream leas
 	if s.Store == nil || s.Logs == nil {
 		return errs.New(errs.ErrUnavailable, "LOGS_UNAVAILABLE", "lease logs are not served by this control plane")
 	}
-	var (
-		tenant, node string
-		res          fetchResult
-	)
+	var tenant, node string
+	granted := false
 	defer func() {
-		if aerr := s.auditLogs(ctx, c, req, tenant, node, res, err); aerr != nil {
+		if granted {
+			return
+		}
+		if aerr := s.auditLogs(ctx, c, req, tenant, node, err); aerr != nil {
 			if s.Log != nil {
 				s.Log.Error("audit lease logs", "lease", truncate(req.GetLeaseId(), 64), "err", aerr)
 			}
@@ -167,15 +171,29 @@ func (s *LeaseServer) GetLeaseLogs(req *leasev1.GetLeaseLogsRequest, stream leas
 	if node == "" {
 		return errs.FailedPrecondition("LEASE_NOT_PLACED", "lease %s is not on a node yet", l.GetId())
 	}
-	res, err = s.Logs.fetch(ctx, node, l.GetId(), req.GetTailBytes(), func(data []byte, truncated bool) error {
+	if err := s.Logs.connected(node); err != nil {
+		return err
+	}
+	granted = true
+	if aerr := s.auditLogs(ctx, c, req, tenant, node, nil); aerr != nil {
+		if s.Log != nil {
+			s.Log.Error("audit lease logs", "lease", l.GetId(), "err", aerr)
+		}
+		return errs.Wrap(errs.ErrInternal, "AUDIT_FAILED", "the access could not be audited", aerr)
+	}
+	res, err := s.Logs.fetch(ctx, node, l.GetId(), req.GetTailBytes(), func(data []byte, truncated bool) error {
 		return stream.Send(&leasev1.GetLeaseLogsResponse{Data: data, Truncated: truncated})
 	})
+	if s.Log != nil {
+		s.Log.Info("lease logs sent", "lease", l.GetId(), "node", node, "bytes", res.bytes, "truncated", res.truncated, "err", err)
+	}
 	return err
 }
 
-// auditLogs appends the one entry of a GetLeaseLogs call.
-func (s *LeaseServer) auditLogs(ctx context.Context, c lease.Caller, req *leasev1.GetLeaseLogsRequest, tenant, node string, res fetchResult, callErr error) error {
-	outcome, reason := auditlog.OutcomeSuccess, ""
+// auditLogs appends the one entry of a GetLeaseLogs call: its refusal
+// (callErr), or its grant.
+func (s *LeaseServer) auditLogs(ctx context.Context, c lease.Caller, req *leasev1.GetLeaseLogsRequest, tenant, node string, callErr error) error {
+	outcome, reason := auditlog.OutcomeSuccess, "access granted"
 	if callErr != nil {
 		outcome, reason = auditlog.OutcomeFailure, errs.ReasonOf(callErr)
 		if reason == "" {
@@ -186,9 +204,8 @@ func (s *LeaseServer) auditLogs(ctx context.Context, c lease.Caller, req *leasev
 		}
 	}
 	details := map[string]string{
-		"tail_bytes": strconv.FormatInt(req.GetTailBytes(), 10),
-		"bytes":      strconv.FormatInt(res.bytes, 10),
-		"truncated":  strconv.FormatBool(res.truncated),
+		"tail_bytes":  strconv.FormatInt(req.GetTailBytes(), 10),
+		"limit_bytes": strconv.FormatInt(s.Logs.maxBytes(), 10),
 	}
 	if node != "" {
 		details["node"] = node

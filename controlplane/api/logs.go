@@ -161,15 +161,32 @@ type fetchResult struct {
 	truncated bool
 }
 
+// connected reports whether node has a session to ask (NODE_NOT_CONNECTED
+// if not), so that a call bound to fail is refused before it is granted.
+func (r *LogRelay) connected(node string) error {
+	r.mu.Lock()
+	ls := r.nodes[node]
+	r.mu.Unlock()
+	if ls == nil {
+		return errs.New(errs.ErrUnavailable, "NODE_NOT_CONNECTED", fmt.Sprintf("node %s is not connected", node))
+	}
+	return nil
+}
+
+// maxBytes is the most one call returns.
+func (r *LogRelay) maxBytes() int64 {
+	if r.MaxBytes <= 0 {
+		return DefaultLogLimit
+	}
+	return r.MaxBytes
+}
+
 // fetch asks node's agent for leaseID's log and passes the data to send as
 // it arrives, until the agent's last chunk, an error, the limit, the
 // timeout or ctx's end.
 func (r *LogRelay) fetch(ctx context.Context, node, leaseID string, tailBytes int64, send func(data []byte, truncated bool) error) (fetchResult, error) {
 	var res fetchResult
-	limit := r.MaxBytes
-	if limit <= 0 {
-		limit = DefaultLogLimit
-	}
+	limit := r.maxBytes()
 	timeout := r.Timeout
 	if timeout <= 0 {
 		timeout = DefaultLogTimeout

@@ -137,6 +137,10 @@ func TestGetLeaseLogsRelaysTheAgentsChunksAndIsAudited(t *testing.T) {
 	if req.GetLeaseId() != id || req.GetTailBytes() != 300000 || req.GetLimitBytes() != DefaultLogLimit || req.GetRequestId() == "" {
 		t.Fatalf("request to the agent: %v", req)
 	}
+	// Fail closed: the grant is committed before the agent is even asked.
+	if n := len(logsEntries(t, s)); n != 1 {
+		t.Fatalf("%d lease.logs entries when the agent was asked, want the grant's", n)
+	}
 	var want []byte
 	for i, b := range []byte("abc") {
 		data := pattern(MaxLogChunk, b)
@@ -154,7 +158,7 @@ func TestGetLeaseLogsRelaysTheAgentsChunksAndIsAudited(t *testing.T) {
 	}
 	e := es[0]
 	if e.Actor != alice.ID.String() || e.Resource != "lease/"+id || e.Outcome != auditlog.OutcomeSuccess || e.Tenant != "acme" ||
-		e.Details["node"] != "node-a" || e.Details["bytes"] != strconv.Itoa(len(want)) || e.Details["truncated"] != "true" || e.Details["tail_bytes"] != "300000" {
+		e.Details["node"] != "node-a" || e.Details["limit_bytes"] != strconv.Itoa(DefaultLogLimit) || e.Details["tail_bytes"] != "300000" {
 		t.Fatalf("audit entry %+v", e)
 	}
 }
@@ -219,18 +223,24 @@ func TestGetLeaseLogsErrorsAreCanonicalAndAudited(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 
+	// Calls refused before the agent is asked are audited as refused;
+	// calls that reached an agent were granted first (and audited then),
+	// whatever the agent answered: one entry each either way.
 	es := logsEntries(t, s)
-	reasons := map[string]bool{}
+	reasons := map[string]int{}
 	for _, e := range es {
-		if e.Outcome != auditlog.OutcomeFailure {
-			t.Errorf("failed call audited as %q: %+v", e.Outcome, e)
+		if (e.Outcome == auditlog.OutcomeSuccess) != (e.Reason == "access granted") {
+			t.Errorf("entry %+v", e)
 		}
-		reasons[e.Reason] = true
+		reasons[e.Reason]++
 	}
-	for _, r := range []string{"LEASE_NOT_FOUND", "INVALID_ARGUMENT", "LEASE_NOT_PLACED", "LOG_READ_FAILED", "AGENT_PROTOCOL", "NODE_DISCONNECTED", "NODE_NOT_CONNECTED"} {
-		if !reasons[r] {
+	for _, r := range []string{"LEASE_NOT_FOUND", "INVALID_ARGUMENT", "LEASE_NOT_PLACED", "NODE_NOT_CONNECTED"} {
+		if reasons[r] == 0 {
 			t.Errorf("no audit entry with reason %s (got %v)", r, reasons)
 		}
+	}
+	if reasons["access granted"] != 3 {
+		t.Errorf("%d grants, want 3 (the calls the agent answered: unreadable log, oversized chunk, disconnected)", reasons["access granted"])
 	}
 }
 
@@ -293,19 +303,17 @@ func TestACallerThatGoesAwayEndsItsRequestOnly(t *testing.T) {
 		t.Fatalf("first chunk: %v %v", r, err)
 	}
 	cancel()
-	// The call is audited as cancelled and forgotten by the relay.
+	// The call was audited once, when it was granted, and is forgotten by
+	// the relay.
 	deadline := time.Now().Add(waitFor)
-	for len(logsEntries(t, s)) == 0 {
+	for openCalls(s.logs, "node-a") != 0 {
 		if time.Now().After(deadline) {
-			t.Fatal("the cancelled call was not audited")
+			t.Fatal("the cancelled call is still open")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if e := logsEntries(t, s)[0]; e.Outcome != auditlog.OutcomeFailure || e.Reason != "CANCELED" || e.Details["bytes"] != "6" {
-		t.Fatalf("audit entry %+v", e)
-	}
-	if n := openCalls(s.logs, "node-a"); n != 0 {
-		t.Fatalf("%d calls still open", n)
+	if es := logsEntries(t, s); len(es) != 1 || es[0].Outcome != auditlog.OutcomeSuccess || es[0].Reason != "access granted" {
+		t.Fatalf("audit entries %+v, want the grant only", es)
 	}
 	// The agent's late chunks are dropped; the session serves the next call.
 	a.chunk(t, &agentv1.LogChunk{RequestId: req.GetRequestId(), Data: []byte("late\n"), Eof: true})
@@ -405,5 +413,30 @@ func TestASlowCallerLosesItsRequestWithoutBlockingTheAgent(t *testing.T) {
 	}
 	if _, err := ls.open(&agentv1.LogRequest{RequestId: "over"}); !errors.Is(err, errs.ErrResourceExhausted) {
 		t.Fatalf("request over the bound: %v", err)
+	}
+}
+
+// TestLeaseLogsAreNotDisclosedUnlessAudited: when the grant cannot be
+// audited the call fails with AUDIT_FAILED and the agent is never asked.
+func TestLeaseLogsAreNotDisclosedUnlessAudited(t *testing.T) {
+	s := startServer(t)
+	a := startAgent(t, s, "node-a")
+	lc := leasev1.NewLeaseServiceClient(s.dial(t, sourceFor(t, s.pki, s.pki.Operators["alice"])))
+	id := placedLease(t, lc, "k")
+	s.leaseStore.fail.Store(true)
+	stream, err := lc.GetLeaseLogs(context.Background(), &leasev1.GetLeaseLogsRequest{LeaseId: id})
+	if err == nil {
+		_, _, err = readLogs(stream)
+	}
+	if errs.ReasonOf(errs.FromStatus(err)) != "AUDIT_FAILED" {
+		t.Fatalf("an unaudited call: %v", err)
+	}
+	select {
+	case req := <-a.reqs:
+		t.Fatalf("the agent was asked for the logs of an unaudited call: %v", req)
+	default:
+	}
+	if es := logsEntries(t, s); len(es) != 0 {
+		t.Fatalf("entries %+v", es)
 	}
 }
