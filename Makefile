@@ -37,8 +37,9 @@ unit:
 demo: setup build
 	$(GO) run ./test/cmd/demo -bin bin
 
-bench:
+bench: setup build
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
+	GPUAAS_FOOTPRINT=1 GPUAAS_FOOTPRINT_OUT=$(CURDIR)/bin/footprint.json $(GO) test -count=1 -timeout 20m -run '^TestAgentFootprint$$' -v ./test/footprint/
 
 # .deb and .rpm packages of the agent, the control plane and gpuaasctl in
 # dist/ (nfpm, pinned in tools/nfpm).
