@@ -357,7 +357,7 @@ func TestTelemetryIsAcceptedOnlyFromTheAttestedKeyInOrder(t *testing.T) {
 
 	first := sign(telemetryPayload("node-a", 1, "lease-1"))
 	h, err := r.a.Telemetry("node-a", first)
-	if err != nil || len(h.Leases) != 1 || h.Leases[0] != "lease-1" || h.Devices != 2 || h.Sequence != 1 {
+	if err != nil || len(h.Leases) != 1 || string(h.Leases[0]) != "lease-1" || h.Devices != 2 || h.Sequence != 1 {
 		t.Fatalf("a good report: %+v, %v", h, err)
 	}
 	refused(first, fleet.CheckTelemetrySequence) // replayed

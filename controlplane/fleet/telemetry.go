@@ -26,7 +26,7 @@ const placedGrace = 2 * time.Minute
 // verified attestation report vouched for, the last sequence accepted under
 // it, and the leases placed on the node.
 type telemetryState struct {
-	key     []byte
+	key     *attestation.TelemetryVerifier
 	lastSeq uint64
 	// placed: lease id -> when it was last in the node's desired set
 	// (zero: it still is).
@@ -40,13 +40,21 @@ func (a *Attestor) setTelemetryKey(node string, key []byte) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	t := &a.node(node).telemetry
-	if bytes.Equal(t.key, key) {
+	if t.key != nil && bytes.Equal(t.key.Public(), key) {
 		return
 	}
-	t.key, t.lastSeq = bytes.Clone(key), 0
+	t.key, t.lastSeq = nil, 0
 	if len(key) == 0 {
-		t.key = nil
+		return
 	}
+	v, err := attestation.NewTelemetryVerifier(key)
+	if err != nil {
+		// The report verified but its telemetry key is not a key: no
+		// telemetry is accepted until a report brings a usable one.
+		a.reg.log.Warn("attested telemetry key unusable", "node", node, "err", err)
+		return
+	}
+	t.key = v
 }
 
 // SetPlaced records the leases the node should run (its desired set, as
@@ -91,7 +99,7 @@ func (a *Attestor) Telemetry(node string, r *agentv1.TelemetryReport) (attestati
 	if key == nil {
 		return attestation.TelemetryHeader{}, &attestation.CheckError{Check: attestation.CheckTelemetryKey, Expected: "a telemetry key from a verified attestation report", Actual: "(none: the node has no verified report with a telemetry key)"}
 	}
-	h, err := attestation.VerifyTelemetryHeader(r, key)
+	h, err := key.VerifyHeader(r)
 	if err != nil {
 		return h, err
 	}
@@ -102,7 +110,7 @@ func (a *Attestor) Telemetry(node string, r *agentv1.TelemetryReport) (attestati
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	t := &a.node(node).telemetry
-	if !bytes.Equal(t.key, key) {
+	if t.key != key {
 		// The key changed while this report was being verified.
 		return h, &attestation.CheckError{Check: attestation.CheckTelemetryKey, Expected: "the current telemetry key", Actual: "a superseded key"}
 	}
@@ -110,7 +118,7 @@ func (a *Attestor) Telemetry(node string, r *agentv1.TelemetryReport) (attestati
 		return h, &attestation.CheckError{Check: CheckTelemetrySequence, Expected: fmt.Sprintf("above %d", t.lastSeq), Actual: fmt.Sprint(h.Sequence)}
 	}
 	for _, id := range h.Leases {
-		gone, ok := t.placed[id]
+		gone, ok := t.placed[string(id)]
 		if !ok || (!gone.IsZero() && now.Sub(gone) > placedGrace) {
 			return h, &attestation.CheckError{Check: CheckTelemetryLease, Expected: "leases placed on " + node, Actual: fmt.Sprintf("a device attributed to lease %.64q", id)}
 		}

@@ -135,6 +135,12 @@ func verifyTelemetryEnvelope(r *agentv1.TelemetryReport, pub []byte) error {
 	if len(pub) != ed25519.PublicKeySize {
 		return &CheckError{Check: CheckTelemetryKey, Expected: "an attested Ed25519 telemetry key", Actual: fmt.Sprintf("%d-byte key", len(pub))}
 	}
+	return checkTelemetryEnvelope(r, func(payload, sig []byte) bool { return verifyTelemetrySignature(pub, payload, sig) })
+}
+
+// checkTelemetryEnvelope checks the size and, with verify, the signature of
+// a report.
+func checkTelemetryEnvelope(r *agentv1.TelemetryReport, verify func(payload, sig []byte) bool) error {
 	payload := r.GetPayload()
 	if len(payload) > MaxTelemetryReport {
 		return &CheckError{Check: CheckTelemetryPayload, Expected: fmt.Sprintf("at most %d bytes", MaxTelemetryReport), Actual: fmt.Sprintf("%d bytes", len(payload))}
@@ -143,7 +149,7 @@ func verifyTelemetryEnvelope(r *agentv1.TelemetryReport, pub []byte) error {
 	if len(sig) == 0 {
 		return &CheckError{Check: CheckTelemetrySignature, Expected: "an Ed25519 signature", Actual: "none", Err: ErrTelemetryUnsigned}
 	}
-	if !verifyTelemetrySignature(pub, payload, sig) {
+	if !verify(payload, sig) {
 		return &CheckError{Check: CheckTelemetrySignature, Expected: "a valid Ed25519 signature by the attested telemetry key", Actual: "invalid"}
 	}
 	return nil

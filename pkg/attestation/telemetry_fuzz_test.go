@@ -115,15 +115,48 @@ func FuzzTelemetryHeader(f *testing.F) {
 		if herr != nil {
 			t.Fatalf("proto.Unmarshal accepts what the header scan refuses: %v", herr)
 		}
-		var leases []string
+		var leases, got []string
 		for _, d := range want.GetDevices() {
-			if id := d.GetLeaseId(); id != "" && !slices.Contains(leases, id) {
+			if id := d.GetLeaseId(); id != "" {
 				leases = append(leases, id)
 			}
 		}
+		for _, l := range h.Leases {
+			got = append(got, string(l))
+		}
 		if h.NodeID != want.GetNodeId() || !bytes.Equal(h.KeyID, want.GetKeyId()) || h.Sequence != want.GetSequence() ||
-			h.Devices != len(want.GetDevices()) || !slices.Equal(h.Leases, leases) {
+			h.Devices != len(want.GetDevices()) || !slices.Equal(got, leases) {
 			t.Fatalf("header %+v, decoded node %q key %x seq %d devices %d leases %q", h, want.GetNodeId(), want.GetKeyId(), want.GetSequence(), len(want.GetDevices()), leases)
+		}
+	})
+}
+
+// FuzzTelemetryVerifierAgreesWithEd25519: the verifier that keeps its key
+// decoded accepts exactly the signatures crypto/ed25519 accepts, for any
+// key, signature and payload.
+func FuzzTelemetryVerifierAgreesWithEd25519(f *testing.F) {
+	k, err := NewTelemetryKey()
+	if err != nil {
+		f.Fatal(err)
+	}
+	good, err := k.Sign(telemetryPayload(1))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(k.Public(), good.GetSignature(), good.GetPayload())
+	f.Add(k.Public(), good.GetSignature(), []byte("other"))
+	f.Add(make([]byte, 32), make([]byte, 64), []byte{})
+	f.Fuzz(func(t *testing.T, pub, sig, payload []byte) {
+		want := len(pub) == ed25519.PublicKeySize && ed25519.Verify(pub, TelemetrySignedMessage(payload), sig)
+		v, err := NewTelemetryVerifier(pub)
+		if err != nil {
+			if want {
+				t.Fatalf("ed25519 accepts a key the verifier refuses: %v", err)
+			}
+			return
+		}
+		if got := v.verify(payload, sig); got != want {
+			t.Fatalf("verifier says %v, crypto/ed25519 says %v", got, want)
 		}
 	})
 }

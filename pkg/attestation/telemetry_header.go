@@ -2,8 +2,13 @@ package attestation
 
 import (
 	"bytes"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/sha512"
+	"crypto/subtle"
 	"fmt"
 
+	"filippo.io/edwards25519"
 	"google.golang.org/protobuf/encoding/protowire"
 
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
@@ -17,9 +22,10 @@ type TelemetryHeader struct {
 	NodeID   string
 	KeyID    []byte
 	Sequence uint64
-	// Leases are the distinct non-empty lease ids the devices are
-	// attributed to, in payload order.
-	Leases []string
+	// Leases are the non-empty lease ids the devices are attributed to,
+	// one per such device in payload order. They alias the report's
+	// payload: copy one to keep it beyond the report.
+	Leases [][]byte
 	// Devices is the number of device samples.
 	Devices int
 }
@@ -30,16 +36,77 @@ type TelemetryHeader struct {
 // control plane runs for every report of every node; a malformed payload
 // is refused exactly as VerifyTelemetry refuses it.
 func VerifyTelemetryHeader(r *agentv1.TelemetryReport, pub []byte) (TelemetryHeader, error) {
-	if err := verifyTelemetryEnvelope(r, pub); err != nil {
+	v, err := NewTelemetryVerifier(pub)
+	if err != nil {
+		return TelemetryHeader{}, err
+	}
+	return v.VerifyHeader(r)
+}
+
+// TelemetryVerifier verifies the reports of one telemetry key; it holds the
+// key decoded once (a verifier of many reports under one key skips a point
+// decompression per report). Safe for concurrent use.
+type TelemetryVerifier struct {
+	pub    []byte
+	id     [32]byte
+	minusA *edwards25519.Point
+}
+
+// NewTelemetryVerifier decodes pub, an Ed25519 public key.
+func NewTelemetryVerifier(pub []byte) (*TelemetryVerifier, error) {
+	if len(pub) != ed25519.PublicKeySize {
+		return nil, &CheckError{Check: CheckTelemetryKey, Expected: "an attested Ed25519 telemetry key", Actual: fmt.Sprintf("%d-byte key", len(pub))}
+	}
+	a, err := new(edwards25519.Point).SetBytes(pub)
+	if err != nil {
+		return nil, &CheckError{Check: CheckTelemetryKey, Expected: "an attested Ed25519 telemetry key", Actual: "not a curve point", Err: err}
+	}
+	return &TelemetryVerifier{pub: bytes.Clone(pub), id: TelemetryKeyID(pub), minusA: new(edwards25519.Point).Negate(a)}, nil
+}
+
+// Public is the key.
+func (v *TelemetryVerifier) Public() []byte { return bytes.Clone(v.pub) }
+
+// verify is Ed25519 verification (RFC 8032, section 5.1.7, cofactorless,
+// as crypto/ed25519.Verify does it: S must be canonical, R is compared as
+// encoded) of sig over TelemetrySignedMessage(payload), with the key's
+// point decoded beforehand. FuzzTelemetryVerifierAgreesWithEd25519 checks
+// it against crypto/ed25519.
+func (v *TelemetryVerifier) verify(payload, sig []byte) bool {
+	if len(sig) != ed25519.SignatureSize || sig[63]&224 != 0 {
+		return false
+	}
+	d := sha256.Sum256(payload)
+	h := sha512.New()
+	h.Write(sig[:32])
+	h.Write(v.pub)
+	h.Write([]byte(TelemetryContext))
+	h.Write(d[:])
+	var digest [sha512.Size]byte
+	k, err := edwards25519.NewScalar().SetUniformBytes(h.Sum(digest[:0]))
+	if err != nil {
+		return false
+	}
+	s, err := edwards25519.NewScalar().SetCanonicalBytes(sig[32:])
+	if err != nil {
+		return false
+	}
+	// R' = [S]B - [k]A; valid when R' encodes to R.
+	r := new(edwards25519.Point).VarTimeDoubleScalarBaseMult(k, v.minusA, s)
+	return subtle.ConstantTimeCompare(sig[:32], r.Bytes()) == 1
+}
+
+// VerifyHeader is VerifyTelemetryHeader under this verifier's key.
+func (v *TelemetryVerifier) VerifyHeader(r *agentv1.TelemetryReport) (TelemetryHeader, error) {
+	if err := checkTelemetryEnvelope(r, v.verify); err != nil {
 		return TelemetryHeader{}, err
 	}
 	h, err := scanTelemetryHeader(r.GetPayload())
 	if err != nil {
 		return TelemetryHeader{}, &CheckError{Check: CheckTelemetryPayload, Expected: "a TelemetryPayload", Actual: "undecodable", Err: err}
 	}
-	id := TelemetryKeyID(pub)
-	if !bytes.Equal(h.KeyID, id[:]) {
-		return TelemetryHeader{}, &CheckError{Check: CheckTelemetryKey, Expected: fmt.Sprintf("key_id %x", id), Actual: fmt.Sprintf("key_id %x", h.KeyID)}
+	if !bytes.Equal(h.KeyID, v.id[:]) {
+		return TelemetryHeader{}, &CheckError{Check: CheckTelemetryKey, Expected: fmt.Sprintf("key_id %x", v.id), Actual: fmt.Sprintf("key_id %x", h.KeyID)}
 	}
 	return h, nil
 }
@@ -65,7 +132,6 @@ const (
 // refused here too.
 func scanTelemetryHeader(b []byte) (TelemetryHeader, error) {
 	var h TelemetryHeader
-	seen := map[string]bool{}
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
@@ -102,8 +168,7 @@ func scanTelemetryHeader(b []byte) (TelemetryHeader, error) {
 			if err != nil {
 				return h, err
 			}
-			if lease != "" && !seen[lease] {
-				seen[lease] = true
+			if len(lease) > 0 {
 				h.Leases = append(h.Leases, lease)
 			}
 		default:
@@ -120,25 +185,25 @@ func scanTelemetryHeader(b []byte) (TelemetryHeader, error) {
 // scanDeviceLease returns a DeviceSample's lease id (the last one, as
 // proto.Unmarshal keeps the last of a repeated scalar), consuming every
 // field so malformed data is refused.
-func scanDeviceLease(b []byte) (string, error) {
-	lease := ""
+func scanDeviceLease(b []byte) ([]byte, error) {
+	var lease []byte
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
 		if n < 0 {
-			return "", protowire.ParseError(n)
+			return nil, protowire.ParseError(n)
 		}
 		b = b[n:]
 		if num == fieldLeaseID && typ == protowire.BytesType {
 			v, n := protowire.ConsumeBytes(b)
 			if n < 0 {
-				return "", protowire.ParseError(n)
+				return nil, protowire.ParseError(n)
 			}
-			lease, b = string(v), b[n:]
+			lease, b = v, b[n:]
 			continue
 		}
 		n = protowire.ConsumeFieldValue(num, typ, b)
 		if n < 0 {
-			return "", protowire.ParseError(n)
+			return nil, protowire.ParseError(n)
 		}
 		b = b[n:]
 	}
