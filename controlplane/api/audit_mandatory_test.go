@@ -100,6 +100,12 @@ var auditCalls = map[string]auditCall{
 			return err
 		},
 	},
+	nodev1.NodeService_DrainNode_FullMethodName: {
+		nodeCall: func(ctx context.Context, nc nodev1.NodeServiceClient) error {
+			_, err := nc.DrainNode(ctx, &nodev1.DrainNodeRequest{Id: "node-a", Reason: "guard", Deadline: durationpb.New(time.Hour)})
+			return err
+		},
+	},
 	leasev1.LeaseService_GetLeaseLogs_FullMethodName: {
 		setup: createdLease,
 		call: func(ctx context.Context, lc leasev1.LeaseServiceClient, id string) error {

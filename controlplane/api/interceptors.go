@@ -74,6 +74,7 @@ var methodRoles = map[string]Access{
 	"/gpuaas.node.v1.NodeService/GetNode":              {Role: RoleOperator, Scope: authn.ScopeNodeRead},
 	"/gpuaas.node.v1.NodeService/CordonNode":           {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
 	"/gpuaas.node.v1.NodeService/UncordonNode":         {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
+	"/gpuaas.node.v1.NodeService/DrainNode":            {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
 	"/gpuaas.node.v1.NodeService/GetNodeAttestation":   {Role: RoleOperator, Scope: authn.ScopeAttestRead},
 	"/gpuaas.node.v1.NodeService/ListNodeAttestations": {Role: RoleOperator, Scope: authn.ScopeAttestRead},
 }

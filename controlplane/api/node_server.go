@@ -57,7 +57,7 @@ func (s *NodeServer) node(ctx context.Context, id string) (*nodev1.Node, error) 
 	return s.Fleet.Node(ctx, id, live)
 }
 
-func (s *NodeServer) cordon(ctx context.Context, id, reason string, cordon bool) (*nodev1.Node, error) {
+func (s *NodeServer) cordon(ctx context.Context, id, gpu, reason string, cordon bool) (*nodev1.Node, error) {
 	c, err := caller(ctx)
 	if err != nil {
 		return nil, err
@@ -65,14 +65,40 @@ func (s *NodeServer) cordon(ctx context.Context, id, reason string, cordon bool)
 	if !lease.ValidName(id) {
 		return nil, errs.InvalidArgument("id", "is not a node name")
 	}
-	if err := s.Fleet.Cordon(ctx, c, id, cordon, reason); err != nil {
+	if gpu != "" {
+		err = s.Fleet.CordonGPU(ctx, c, id, gpu, cordon, reason)
+	} else {
+		err = s.Fleet.Cordon(ctx, c, id, cordon, reason)
+	}
+	if err != nil {
 		return nil, err
 	}
 	return s.node(ctx, id)
 }
 
+func (s *NodeServer) DrainNode(ctx context.Context, req *nodev1.DrainNodeRequest) (*nodev1.DrainNodeResponse, error) {
+	c, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !lease.ValidName(req.GetId()) {
+		return nil, errs.InvalidArgument("id", "is not a node name")
+	}
+	if d := req.GetDeadline(); d != nil && !d.IsValid() {
+		return nil, errs.InvalidArgument("deadline", "is not a valid duration")
+	}
+	if err := s.Fleet.Drain(ctx, c, req.GetId(), req.GetReason(), req.GetDeadline().AsDuration()); err != nil {
+		return nil, err
+	}
+	n, err := s.node(ctx, req.GetId())
+	if err != nil {
+		return nil, err
+	}
+	return &nodev1.DrainNodeResponse{Node: n}, nil
+}
+
 func (s *NodeServer) CordonNode(ctx context.Context, req *nodev1.CordonNodeRequest) (*nodev1.CordonNodeResponse, error) {
-	n, err := s.cordon(ctx, req.GetId(), req.GetReason(), true)
+	n, err := s.cordon(ctx, req.GetId(), req.GetGpuUuid(), req.GetReason(), true)
 	if err != nil {
 		return nil, err
 	}
@@ -80,7 +106,7 @@ func (s *NodeServer) CordonNode(ctx context.Context, req *nodev1.CordonNodeReque
 }
 
 func (s *NodeServer) UncordonNode(ctx context.Context, req *nodev1.UncordonNodeRequest) (*nodev1.UncordonNodeResponse, error) {
-	n, err := s.cordon(ctx, req.GetId(), req.GetReason(), false)
+	n, err := s.cordon(ctx, req.GetId(), req.GetGpuUuid(), req.GetReason(), false)
 	if err != nil {
 		return nil, err
 	}

@@ -272,6 +272,11 @@ var traceCalls = map[string]traceCall{
 		_, err := nodev1.NewNodeServiceClient(conn).UncordonNode(ctx, &nodev1.UncordonNodeRequest{Id: "node-a", Reason: "trace"}, grpc.Header(&md))
 		return md, err
 	},
+	nodev1.NodeService_DrainNode_FullMethodName: func(ctx context.Context, conn *grpc.ClientConn, _ string) (metadata.MD, error) {
+		var md metadata.MD
+		_, err := nodev1.NewNodeServiceClient(conn).DrainNode(ctx, &nodev1.DrainNodeRequest{Id: "node-a", Reason: "trace", Deadline: durationpb.New(time.Hour)}, grpc.Header(&md))
+		return md, err
+	},
 	nodev1.NodeService_GetNodeAttestation_FullMethodName: func(ctx context.Context, conn *grpc.ClientConn, _ string) (metadata.MD, error) {
 		var md metadata.MD
 		_, err := nodev1.NewNodeServiceClient(conn).GetNodeAttestation(ctx, &nodev1.GetNodeAttestationRequest{Id: "node-a"}, grpc.Header(&md))

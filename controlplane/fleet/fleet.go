@@ -10,6 +10,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -61,6 +63,7 @@ type Registry struct {
 	deadline      map[string]time.Time
 	restored      bool
 	cordoned      map[string]bool
+	cordonedGPUs  map[string]map[string]bool // node -> GPU uuid
 	cordonsLoaded bool
 	// attest, when set, decides which nodes are attested (attest.go).
 	attest *Attestor
@@ -93,7 +96,7 @@ func NewRegistry(st store.Store, opts Options) *Registry {
 		opts.Now = time.Now
 	}
 	return &Registry{st: st, log: opts.Logger, now: opts.Now, live: opts.Liveness.withDefaults(), leases: opts.Leases,
-		started: opts.Now(), sessions: map[string]*Session{}, deadline: map[string]time.Time{}, cordoned: map[string]bool{}}
+		started: opts.Now(), sessions: map[string]*Session{}, deadline: map[string]time.Time{}, cordoned: map[string]bool{}, cordonedGPUs: map[string]map[string]bool{}}
 }
 
 // SetLeases wires the lease service after construction (it needs the
@@ -105,16 +108,8 @@ var _ lease.Fleet = (*Registry)(nil)
 // Connect registers a session for node, replacing (and signalling) any
 // older one.
 func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version string, inv *nodev1.Inventory) (*Session, error) {
-	r.mu.Lock()
-	loaded := r.cordonsLoaded
-	r.mu.Unlock()
-	if !loaded {
-		if err := r.loadCordons(ctx); err != nil {
-			return nil, err
-		}
-		r.mu.Lock()
-		r.cordonsLoaded = true
-		r.mu.Unlock()
+	if err := r.loadCordonsOnce(ctx); err != nil {
+		return nil, err
 	}
 	now := r.now()
 	s := &Session{Node: node, PeerID: peerID, RemoteAddr: remote, AgentVersion: version, ConnectedAt: now,
@@ -131,6 +126,24 @@ func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version st
 	r.mu.Unlock()
 	r.log.Info("agent connected", "node", node, "peer", peerID, "remote", remote, "gpus", len(inv.GetGpus()))
 	return s, nil
+}
+
+// loadCordonsOnce reads the cordons from the store the first time it is
+// called; later changes keep the in-memory copy in step.
+func (r *Registry) loadCordonsOnce(ctx context.Context) error {
+	r.mu.Lock()
+	loaded := r.cordonsLoaded
+	r.mu.Unlock()
+	if loaded {
+		return nil
+	}
+	if err := r.loadCordons(ctx); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.cordonsLoaded = true
+	r.mu.Unlock()
+	return nil
 }
 
 // Disconnect removes s if it is still the node's current session.
@@ -224,8 +237,18 @@ func (r *Registry) ConnectedNodes() []lease.NodeView {
 			continue
 		}
 		s.mu.Lock()
-		out = append(out, lease.NodeView{ID: s.Node, GPUs: s.inventory.GetGpus()})
+		gpus := s.inventory.GetGpus()
 		s.mu.Unlock()
+		if off := r.cordonedGPUs[s.Node]; len(off) > 0 {
+			kept := make([]*nodev1.Gpu, 0, len(gpus))
+			for _, g := range gpus {
+				if !off[g.GetUuid()] {
+					kept = append(kept, g)
+				}
+			}
+			gpus = kept
+		}
+		out = append(out, lease.NodeView{ID: s.Node, GPUs: gpus})
 	}
 	return out
 }
@@ -290,6 +313,10 @@ func (r *Registry) Nodes(ctx context.Context, live []*leasev1.Lease) ([]*nodev1.
 	for _, n := range out {
 		st := states[n.GetId()]
 		n.Cordoned, n.CordonReason, n.CordonedBy, n.Down = st.Cordoned, st.CordonReason, st.CordonedBy, st.State == StateDown
+		n.CordonedGpus = slices.Sorted(maps.Keys(st.CordonedGPUs))
+		if !st.DrainDeadline.IsZero() {
+			n.DrainDeadline = timestamppb.New(st.DrainDeadline)
+		}
 		if attest != nil {
 			n.Attestation = AttestationStatusProto(attest.Status(n.GetId()))
 		}

@@ -84,6 +84,13 @@ type NodeState struct {
 	CordonReason string    `json:"cordon_reason,omitempty"`
 	CordonedBy   string    `json:"cordoned_by,omitempty"`
 	CordonedAt   time.Time `json:"cordoned_at,omitzero"`
+	// CordonedGPUs are GPUs cordoned one by one: uuid -> reason.
+	CordonedGPUs map[string]string `json:"cordoned_gpus,omitempty"`
+	// A drain: when the leases still running are cancelled, why, and
+	// whether that was done.
+	DrainDeadline time.Time `json:"drain_deadline,omitzero"`
+	DrainReason   string    `json:"drain_reason,omitempty"`
+	DrainDone     bool      `json:"drain_done,omitempty"`
 }
 
 func getState(tx store.Tx, node string) (NodeState, error) {
@@ -278,6 +285,9 @@ func (r *Registry) RunLiveness(ctx context.Context, interval time.Duration) {
 			if _, err := r.Sweep(ctx); err != nil && ctx.Err() == nil {
 				r.log.Error("liveness sweep failed", "err", err)
 			}
+			if err := r.SweepDrains(ctx); err != nil && ctx.Err() == nil {
+				r.log.Error("drain sweep failed", "err", err)
+			}
 		}
 	}
 }
@@ -368,7 +378,9 @@ func cordonTx(tx store.Tx, node string, cordon bool, e auditlog.Entry) (bool, er
 	if cordon {
 		st.CordonReason, st.CordonedBy, st.CordonedAt = e.Reason, e.Actor, e.Time
 	} else {
+		// Uncordoning ends a drain too.
 		st.CordonReason, st.CordonedBy, st.CordonedAt = "", "", time.Time{}
+		st.DrainDeadline, st.DrainReason, st.DrainDone = time.Time{}, "", false
 	}
 	if err := putState(tx, node, st); err != nil {
 		return false, err
@@ -381,6 +393,7 @@ func cordonTx(tx store.Tx, node string, cordon bool, e auditlog.Entry) (bool, er
 // every placement) never touches the store.
 func (r *Registry) loadCordons(ctx context.Context) error {
 	cordoned := map[string]bool{}
+	gpus := map[string]map[string]bool{}
 	err := r.st.View(ctx, func(tx store.Tx) error {
 		return tx.Scan(store.BucketNodeState, "", false, func(k string, v []byte) error {
 			var st NodeState
@@ -390,6 +403,12 @@ func (r *Registry) loadCordons(ctx context.Context) error {
 			if st.Cordoned {
 				cordoned[k] = true
 			}
+			for g := range st.CordonedGPUs {
+				if gpus[k] == nil {
+					gpus[k] = map[string]bool{}
+				}
+				gpus[k][g] = true
+			}
 			return nil
 		})
 	})
@@ -397,7 +416,7 @@ func (r *Registry) loadCordons(ctx context.Context) error {
 		return err
 	}
 	r.mu.Lock()
-	r.cordoned = cordoned
+	r.cordoned, r.cordonedGPUs = cordoned, gpus
 	r.mu.Unlock()
 	return nil
 }

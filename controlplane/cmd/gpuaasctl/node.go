@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
@@ -78,7 +79,8 @@ func nodeCmd(g *globals) *cobra.Command {
 			return w.Flush()
 		},
 	}
-	var reason string
+	var reason, gpu string
+	var deadline time.Duration
 	cordon := func(use, short string, on bool) *cobra.Command {
 		c := &cobra.Command{
 			Use: use + " NODE", Short: short, Args: cobra.ExactArgs(1),
@@ -90,13 +92,13 @@ func nodeCmd(g *globals) *cobra.Command {
 				defer done()
 				var n *nodev1.Node
 				if on {
-					resp, err := c.CordonNode(ctx, &nodev1.CordonNodeRequest{Id: a[0], Reason: reason})
+					resp, err := c.CordonNode(ctx, &nodev1.CordonNodeRequest{Id: a[0], Reason: reason, GpuUuid: gpu})
 					if err != nil {
 						return err
 					}
 					n = resp.GetNode()
 				} else {
-					resp, err := c.UncordonNode(ctx, &nodev1.UncordonNodeRequest{Id: a[0], Reason: reason})
+					resp, err := c.UncordonNode(ctx, &nodev1.UncordonNodeRequest{Id: a[0], Reason: reason, GpuUuid: gpu})
 					if err != nil {
 						return err
 					}
@@ -109,9 +111,30 @@ func nodeCmd(g *globals) *cobra.Command {
 			},
 		}
 		c.Flags().StringVar(&reason, "reason", "", "why (recorded in the audit log)")
+		c.Flags().StringVar(&gpu, "gpu", "", "only this GPU (its UUID) instead of the whole node")
 		return c
 	}
-	cmd.AddCommand(list, get,
+	drain := &cobra.Command{
+		Use: "drain NODE", Short: "Cordon a node and cancel the leases still running there at the deadline", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, a []string) error {
+			c, ctx, done, err := client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.DrainNode(ctx, &nodev1.DrainNodeRequest{Id: a[0], Reason: reason, Deadline: durationpb.New(deadline)})
+			if err != nil {
+				return err
+			}
+			if g.output == "json" {
+				return g.printJSON(resp.GetNode())
+			}
+			return g.printNodes(resp.GetNode())
+		},
+	}
+	drain.Flags().StringVar(&reason, "reason", "", "why (recorded in the audit log)")
+	drain.Flags().DurationVar(&deadline, "deadline", time.Hour, "how long running leases may keep running (0: cancel them now)")
+	cmd.AddCommand(list, get, drain,
 		cordon("cordon", "Stop placing new leases on a node (its running leases stay)", true),
 		cordon("uncordon", "Let a cordoned node take leases again (it must also pass attestation)", false))
 	return cmd
@@ -125,8 +148,12 @@ func (g *globals) printNodes(ns ...*nodev1.Node) error {
 		switch {
 		case n.GetDown():
 			sched = "down"
+		case n.GetDrainDeadline() != nil:
+			sched = "draining: deadline " + n.GetDrainDeadline().AsTime().Local().Format(time.RFC3339)
 		case n.GetCordoned():
 			sched = "cordoned: " + oneLine(n.GetCordonReason())
+		case len(n.GetCordonedGpus()) > 0:
+			sched = fmt.Sprintf("ok (%d GPU cordoned)", len(n.GetCordonedGpus()))
 		}
 		fmt.Fprintf(w, "%s\t%v\t%s\t%s\t%d\t%d\t%s\t%s\n", n.GetId(), n.GetConnected(), attestStatus(n.GetAttestation()), sched,
 			len(n.GetInventory().GetGpus()), n.GetLeaseCount(),

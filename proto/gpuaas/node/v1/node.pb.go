@@ -13,6 +13,7 @@ import (
 	_ "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -657,7 +658,11 @@ type Node struct {
 	CordonReason string `protobuf:"bytes,10,opt,name=cordon_reason,json=cordonReason,proto3" json:"cordon_reason,omitempty"`
 	CordonedBy   string `protobuf:"bytes,11,opt,name=cordoned_by,json=cordonedBy,proto3" json:"cordoned_by,omitempty"`
 	// The node missed its heartbeat TTL and its leases were marked LOST.
-	Down          bool `protobuf:"varint,12,opt,name=down,proto3" json:"down,omitempty"`
+	Down bool `protobuf:"varint,12,opt,name=down,proto3" json:"down,omitempty"`
+	// GPUs cordoned one by one (the rest of the node takes leases).
+	CordonedGpus []string `protobuf:"bytes,13,rep,name=cordoned_gpus,json=cordonedGpus,proto3" json:"cordoned_gpus,omitempty"`
+	// When a drain cancels the leases still running (absent: no drain).
+	DrainDeadline *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=drain_deadline,json=drainDeadline,proto3" json:"drain_deadline,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -774,6 +779,20 @@ func (x *Node) GetDown() bool {
 		return x.Down
 	}
 	return false
+}
+
+func (x *Node) GetCordonedGpus() []string {
+	if x != nil {
+		return x.CordonedGpus
+	}
+	return nil
+}
+
+func (x *Node) GetDrainDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DrainDeadline
+	}
+	return nil
 }
 
 // AttestationCheck is one evaluated check of a report.
@@ -1108,9 +1127,11 @@ func (x *NodeAttestation) GetLastFailure() *timestamppb.Timestamp {
 }
 
 type CordonNodeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Only this GPU of the node (its UUID); empty: the whole node.
+	GpuUuid       string `protobuf:"bytes,3,opt,name=gpu_uuid,json=gpuUuid,proto3" json:"gpu_uuid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1155,6 +1176,13 @@ func (x *CordonNodeRequest) GetId() string {
 func (x *CordonNodeRequest) GetReason() string {
 	if x != nil {
 		return x.Reason
+	}
+	return ""
+}
+
+func (x *CordonNodeRequest) GetGpuUuid() string {
+	if x != nil {
+		return x.GpuUuid
 	}
 	return ""
 }
@@ -1204,9 +1232,11 @@ func (x *CordonNodeResponse) GetNode() *Node {
 }
 
 type UncordonNodeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Only this GPU (its UUID); empty: the node (and its drain, if any).
+	GpuUuid       string `protobuf:"bytes,3,opt,name=gpu_uuid,json=gpuUuid,proto3" json:"gpu_uuid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1255,6 +1285,119 @@ func (x *UncordonNodeRequest) GetReason() string {
 	return ""
 }
 
+func (x *UncordonNodeRequest) GetGpuUuid() string {
+	if x != nil {
+		return x.GpuUuid
+	}
+	return ""
+}
+
+type DrainNodeRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// How long running leases may keep running (0: cancel them now; at most
+	// 7 days).
+	Deadline      *durationpb.Duration `protobuf:"bytes,3,opt,name=deadline,proto3" json:"deadline,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainNodeRequest) Reset() {
+	*x = DrainNodeRequest{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainNodeRequest) ProtoMessage() {}
+
+func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainNodeRequest.ProtoReflect.Descriptor instead.
+func (*DrainNodeRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *DrainNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DrainNodeRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DrainNodeRequest) GetDeadline() *durationpb.Duration {
+	if x != nil {
+		return x.Deadline
+	}
+	return nil
+}
+
+type DrainNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainNodeResponse) Reset() {
+	*x = DrainNodeResponse{}
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainNodeResponse) ProtoMessage() {}
+
+func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainNodeResponse.ProtoReflect.Descriptor instead.
+func (*DrainNodeResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DrainNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
 type UncordonNodeResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -1264,7 +1407,7 @@ type UncordonNodeResponse struct {
 
 func (x *UncordonNodeResponse) Reset() {
 	*x = UncordonNodeResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[15]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1419,7 @@ func (x *UncordonNodeResponse) String() string {
 func (*UncordonNodeResponse) ProtoMessage() {}
 
 func (x *UncordonNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[15]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1432,7 @@ func (x *UncordonNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UncordonNodeResponse.ProtoReflect.Descriptor instead.
 func (*UncordonNodeResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{15}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UncordonNodeResponse) GetNode() *Node {
@@ -1308,7 +1451,7 @@ type GetNodeAttestationRequest struct {
 
 func (x *GetNodeAttestationRequest) Reset() {
 	*x = GetNodeAttestationRequest{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[16]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1320,7 +1463,7 @@ func (x *GetNodeAttestationRequest) String() string {
 func (*GetNodeAttestationRequest) ProtoMessage() {}
 
 func (x *GetNodeAttestationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[16]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1333,7 +1476,7 @@ func (x *GetNodeAttestationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeAttestationRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeAttestationRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{16}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetNodeAttestationRequest) GetId() string {
@@ -1352,7 +1495,7 @@ type GetNodeAttestationResponse struct {
 
 func (x *GetNodeAttestationResponse) Reset() {
 	*x = GetNodeAttestationResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[17]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1364,7 +1507,7 @@ func (x *GetNodeAttestationResponse) String() string {
 func (*GetNodeAttestationResponse) ProtoMessage() {}
 
 func (x *GetNodeAttestationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[17]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1377,7 +1520,7 @@ func (x *GetNodeAttestationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeAttestationResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeAttestationResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{17}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetNodeAttestationResponse) GetAttestation() *NodeAttestation {
@@ -1398,7 +1541,7 @@ type ListNodeAttestationsRequest struct {
 
 func (x *ListNodeAttestationsRequest) Reset() {
 	*x = ListNodeAttestationsRequest{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[18]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1410,7 +1553,7 @@ func (x *ListNodeAttestationsRequest) String() string {
 func (*ListNodeAttestationsRequest) ProtoMessage() {}
 
 func (x *ListNodeAttestationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[18]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1423,7 +1566,7 @@ func (x *ListNodeAttestationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodeAttestationsRequest.ProtoReflect.Descriptor instead.
 func (*ListNodeAttestationsRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{18}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListNodeAttestationsRequest) GetId() string {
@@ -1449,7 +1592,7 @@ type ListNodeAttestationsResponse struct {
 
 func (x *ListNodeAttestationsResponse) Reset() {
 	*x = ListNodeAttestationsResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[19]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1461,7 +1604,7 @@ func (x *ListNodeAttestationsResponse) String() string {
 func (*ListNodeAttestationsResponse) ProtoMessage() {}
 
 func (x *ListNodeAttestationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[19]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1474,7 +1617,7 @@ func (x *ListNodeAttestationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodeAttestationsResponse.ProtoReflect.Descriptor instead.
 func (*ListNodeAttestationsResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{19}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListNodeAttestationsResponse) GetVerdicts() []*AttestationVerdict {
@@ -1492,7 +1635,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[20]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1647,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[20]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1660,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{20}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{22}
 }
 
 type ListNodesResponse struct {
@@ -1529,7 +1672,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[21]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1541,7 +1684,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[21]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1554,7 +1697,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{21}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -1573,7 +1716,7 @@ type GetNodeRequest struct {
 
 func (x *GetNodeRequest) Reset() {
 	*x = GetNodeRequest{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[22]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1585,7 +1728,7 @@ func (x *GetNodeRequest) String() string {
 func (*GetNodeRequest) ProtoMessage() {}
 
 func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[22]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1598,7 +1741,7 @@ func (x *GetNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeRequest.ProtoReflect.Descriptor instead.
 func (*GetNodeRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{22}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetNodeRequest) GetId() string {
@@ -1617,7 +1760,7 @@ type GetNodeResponse struct {
 
 func (x *GetNodeResponse) Reset() {
 	*x = GetNodeResponse{}
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[23]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1629,7 +1772,7 @@ func (x *GetNodeResponse) String() string {
 func (*GetNodeResponse) ProtoMessage() {}
 
 func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_node_v1_node_proto_msgTypes[23]
+	mi := &file_gpuaas_node_v1_node_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1642,7 +1785,7 @@ func (x *GetNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetNodeResponse.ProtoReflect.Descriptor instead.
 func (*GetNodeResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{23}
+	return file_gpuaas_node_v1_node_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetNodeResponse) GetNode() *Node {
@@ -1656,7 +1799,7 @@ var File_gpuaas_node_v1_node_proto protoreflect.FileDescriptor
 
 const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\n" +
-	"\x19gpuaas/node/v1/node.proto\x12\x0egpuaas.node.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dgpuaas/audit/v1/options.proto\"[\n" +
+	"\x19gpuaas/node/v1/node.proto\x12\x0egpuaas.node.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dgpuaas/audit/v1/options.proto\"[\n" +
 	"\tInventory\x12%\n" +
 	"\x0edriver_version\x18\x01 \x01(\tR\rdriverVersion\x12'\n" +
 	"\x04gpus\x18\x02 \x03(\v2\x13.gpuaas.node.v1.GpuR\x04gpus\"\xbd\x03\n" +
@@ -1707,7 +1850,7 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\vremote_addr\x18\x02 \x01(\tR\n" +
 	"remoteAddr\x12=\n" +
 	"\fconnect_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\vconnectTime\x12#\n" +
-	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\"\xee\x03\n" +
+	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\"\xd6\x04\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x127\n" +
@@ -1723,7 +1866,9 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	" \x01(\tR\fcordonReason\x12\x1f\n" +
 	"\vcordoned_by\x18\v \x01(\tR\n" +
 	"cordonedBy\x12\x12\n" +
-	"\x04down\x18\f \x01(\bR\x04down\"j\n" +
+	"\x04down\x18\f \x01(\bR\x04down\x12#\n" +
+	"\rcordoned_gpus\x18\r \x03(\tR\fcordonedGpus\x12A\n" +
+	"\x0edrain_deadline\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\rdrainDeadline\"j\n" +
 	"\x10AttestationCheck\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x1a\n" +
@@ -1755,15 +1900,23 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"staleCount\x12=\n" +
 	"\flast_success\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\vlastSuccess\x12=\n" +
 	"\flast_failure\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\vlastFailure\";\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\vlastFailure\"V\n" +
 	"\x11CordonNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\">\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x19\n" +
+	"\bgpu_uuid\x18\x03 \x01(\tR\agpuUuid\">\n" +
 	"\x12CordonNodeResponse\x12(\n" +
-	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node\"=\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node\"X\n" +
 	"\x13UncordonNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"@\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x19\n" +
+	"\bgpu_uuid\x18\x03 \x01(\tR\agpuUuid\"q\n" +
+	"\x10DrainNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x125\n" +
+	"\bdeadline\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\bdeadline\"=\n" +
+	"\x11DrainNodeResponse\x12(\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node\"@\n" +
 	"\x14UncordonNodeResponse\x12(\n" +
 	"\x04node\x18\x01 \x01(\v2\x14.gpuaas.node.v1.NodeR\x04node\"+\n" +
 	"\x19GetNodeAttestationRequest\x12\x0e\n" +
@@ -1787,13 +1940,14 @@ const file_gpuaas_node_v1_node_proto_rawDesc = "" +
 	"\x17ATTESTATION_STATUS_PASS\x10\x01\x12\x1b\n" +
 	"\x17ATTESTATION_STATUS_FAIL\x10\x02\x12\x1c\n" +
 	"\x18ATTESTATION_STATUS_STALE\x10\x03\x12\x1e\n" +
-	"\x1aATTESTATION_STATUS_PENDING\x10\x042\xc7\x04\n" +
+	"\x1aATTESTATION_STATUS_PENDING\x10\x042\x9f\x05\n" +
 	"\vNodeService\x12P\n" +
 	"\tListNodes\x12 .gpuaas.node.v1.ListNodesRequest\x1a!.gpuaas.node.v1.ListNodesResponse\x12J\n" +
 	"\aGetNode\x12\x1e.gpuaas.node.v1.GetNodeRequest\x1a\x1f.gpuaas.node.v1.GetNodeResponse\x12Y\n" +
 	"\n" +
 	"CordonNode\x12!.gpuaas.node.v1.CordonNodeRequest\x1a\".gpuaas.node.v1.CordonNodeResponse\"\x04\x88\xe7\x18\x01\x12_\n" +
-	"\fUncordonNode\x12#.gpuaas.node.v1.UncordonNodeRequest\x1a$.gpuaas.node.v1.UncordonNodeResponse\"\x04\x88\xe7\x18\x01\x12k\n" +
+	"\fUncordonNode\x12#.gpuaas.node.v1.UncordonNodeRequest\x1a$.gpuaas.node.v1.UncordonNodeResponse\"\x04\x88\xe7\x18\x01\x12V\n" +
+	"\tDrainNode\x12 .gpuaas.node.v1.DrainNodeRequest\x1a!.gpuaas.node.v1.DrainNodeResponse\"\x04\x88\xe7\x18\x01\x12k\n" +
 	"\x12GetNodeAttestation\x12).gpuaas.node.v1.GetNodeAttestationRequest\x1a*.gpuaas.node.v1.GetNodeAttestationResponse\x12q\n" +
 	"\x14ListNodeAttestations\x12+.gpuaas.node.v1.ListNodeAttestationsRequest\x1a,.gpuaas.node.v1.ListNodeAttestationsResponseB6Z4github.com/gpuaas/gpuaas/proto/gpuaas/node/v1;nodev1b\x06proto3"
 
@@ -1810,7 +1964,7 @@ func file_gpuaas_node_v1_node_proto_rawDescGZIP() []byte {
 }
 
 var file_gpuaas_node_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpuaas_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_gpuaas_node_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_gpuaas_node_v1_node_proto_goTypes = []any{
 	(AttestationStatus)(0),               // 0: gpuaas.node.v1.AttestationStatus
 	(*Inventory)(nil),                    // 1: gpuaas.node.v1.Inventory
@@ -1828,60 +1982,68 @@ var file_gpuaas_node_v1_node_proto_goTypes = []any{
 	(*CordonNodeRequest)(nil),            // 13: gpuaas.node.v1.CordonNodeRequest
 	(*CordonNodeResponse)(nil),           // 14: gpuaas.node.v1.CordonNodeResponse
 	(*UncordonNodeRequest)(nil),          // 15: gpuaas.node.v1.UncordonNodeRequest
-	(*UncordonNodeResponse)(nil),         // 16: gpuaas.node.v1.UncordonNodeResponse
-	(*GetNodeAttestationRequest)(nil),    // 17: gpuaas.node.v1.GetNodeAttestationRequest
-	(*GetNodeAttestationResponse)(nil),   // 18: gpuaas.node.v1.GetNodeAttestationResponse
-	(*ListNodeAttestationsRequest)(nil),  // 19: gpuaas.node.v1.ListNodeAttestationsRequest
-	(*ListNodeAttestationsResponse)(nil), // 20: gpuaas.node.v1.ListNodeAttestationsResponse
-	(*ListNodesRequest)(nil),             // 21: gpuaas.node.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),            // 22: gpuaas.node.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),               // 23: gpuaas.node.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),              // 24: gpuaas.node.v1.GetNodeResponse
-	(*timestamppb.Timestamp)(nil),        // 25: google.protobuf.Timestamp
+	(*DrainNodeRequest)(nil),             // 16: gpuaas.node.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),            // 17: gpuaas.node.v1.DrainNodeResponse
+	(*UncordonNodeResponse)(nil),         // 18: gpuaas.node.v1.UncordonNodeResponse
+	(*GetNodeAttestationRequest)(nil),    // 19: gpuaas.node.v1.GetNodeAttestationRequest
+	(*GetNodeAttestationResponse)(nil),   // 20: gpuaas.node.v1.GetNodeAttestationResponse
+	(*ListNodeAttestationsRequest)(nil),  // 21: gpuaas.node.v1.ListNodeAttestationsRequest
+	(*ListNodeAttestationsResponse)(nil), // 22: gpuaas.node.v1.ListNodeAttestationsResponse
+	(*ListNodesRequest)(nil),             // 23: gpuaas.node.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),            // 24: gpuaas.node.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),               // 25: gpuaas.node.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),              // 26: gpuaas.node.v1.GetNodeResponse
+	(*timestamppb.Timestamp)(nil),        // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),          // 28: google.protobuf.Duration
 }
 var file_gpuaas_node_v1_node_proto_depIdxs = []int32{
 	2,  // 0: gpuaas.node.v1.Inventory.gpus:type_name -> gpuaas.node.v1.Gpu
 	3,  // 1: gpuaas.node.v1.Gpu.profiles:type_name -> gpuaas.node.v1.MigProfile
 	4,  // 2: gpuaas.node.v1.Gpu.instances:type_name -> gpuaas.node.v1.MigInstance
 	5,  // 3: gpuaas.node.v1.GpuCapacity.profiles:type_name -> gpuaas.node.v1.ProfileCapacity
-	25, // 4: gpuaas.node.v1.Session.connect_time:type_name -> google.protobuf.Timestamp
-	25, // 5: gpuaas.node.v1.Node.last_seen:type_name -> google.protobuf.Timestamp
+	27, // 4: gpuaas.node.v1.Session.connect_time:type_name -> google.protobuf.Timestamp
+	27, // 5: gpuaas.node.v1.Node.last_seen:type_name -> google.protobuf.Timestamp
 	1,  // 6: gpuaas.node.v1.Node.inventory:type_name -> gpuaas.node.v1.Inventory
 	6,  // 7: gpuaas.node.v1.Node.capacity:type_name -> gpuaas.node.v1.GpuCapacity
 	7,  // 8: gpuaas.node.v1.Node.session:type_name -> gpuaas.node.v1.Session
 	0,  // 9: gpuaas.node.v1.Node.attestation:type_name -> gpuaas.node.v1.AttestationStatus
-	0,  // 10: gpuaas.node.v1.AttestationVerdict.status:type_name -> gpuaas.node.v1.AttestationStatus
-	9,  // 11: gpuaas.node.v1.AttestationVerdict.checks:type_name -> gpuaas.node.v1.AttestationCheck
-	25, // 12: gpuaas.node.v1.AttestationVerdict.report_time:type_name -> google.protobuf.Timestamp
-	25, // 13: gpuaas.node.v1.AttestationVerdict.verify_time:type_name -> google.protobuf.Timestamp
-	0,  // 14: gpuaas.node.v1.NodeAttestation.status:type_name -> gpuaas.node.v1.AttestationStatus
-	10, // 15: gpuaas.node.v1.NodeAttestation.latest:type_name -> gpuaas.node.v1.AttestationVerdict
-	11, // 16: gpuaas.node.v1.NodeAttestation.report:type_name -> gpuaas.node.v1.SignedReport
-	25, // 17: gpuaas.node.v1.NodeAttestation.last_success:type_name -> google.protobuf.Timestamp
-	25, // 18: gpuaas.node.v1.NodeAttestation.last_failure:type_name -> google.protobuf.Timestamp
-	8,  // 19: gpuaas.node.v1.CordonNodeResponse.node:type_name -> gpuaas.node.v1.Node
-	8,  // 20: gpuaas.node.v1.UncordonNodeResponse.node:type_name -> gpuaas.node.v1.Node
-	12, // 21: gpuaas.node.v1.GetNodeAttestationResponse.attestation:type_name -> gpuaas.node.v1.NodeAttestation
-	10, // 22: gpuaas.node.v1.ListNodeAttestationsResponse.verdicts:type_name -> gpuaas.node.v1.AttestationVerdict
-	8,  // 23: gpuaas.node.v1.ListNodesResponse.nodes:type_name -> gpuaas.node.v1.Node
-	8,  // 24: gpuaas.node.v1.GetNodeResponse.node:type_name -> gpuaas.node.v1.Node
-	21, // 25: gpuaas.node.v1.NodeService.ListNodes:input_type -> gpuaas.node.v1.ListNodesRequest
-	23, // 26: gpuaas.node.v1.NodeService.GetNode:input_type -> gpuaas.node.v1.GetNodeRequest
-	13, // 27: gpuaas.node.v1.NodeService.CordonNode:input_type -> gpuaas.node.v1.CordonNodeRequest
-	15, // 28: gpuaas.node.v1.NodeService.UncordonNode:input_type -> gpuaas.node.v1.UncordonNodeRequest
-	17, // 29: gpuaas.node.v1.NodeService.GetNodeAttestation:input_type -> gpuaas.node.v1.GetNodeAttestationRequest
-	19, // 30: gpuaas.node.v1.NodeService.ListNodeAttestations:input_type -> gpuaas.node.v1.ListNodeAttestationsRequest
-	22, // 31: gpuaas.node.v1.NodeService.ListNodes:output_type -> gpuaas.node.v1.ListNodesResponse
-	24, // 32: gpuaas.node.v1.NodeService.GetNode:output_type -> gpuaas.node.v1.GetNodeResponse
-	14, // 33: gpuaas.node.v1.NodeService.CordonNode:output_type -> gpuaas.node.v1.CordonNodeResponse
-	16, // 34: gpuaas.node.v1.NodeService.UncordonNode:output_type -> gpuaas.node.v1.UncordonNodeResponse
-	18, // 35: gpuaas.node.v1.NodeService.GetNodeAttestation:output_type -> gpuaas.node.v1.GetNodeAttestationResponse
-	20, // 36: gpuaas.node.v1.NodeService.ListNodeAttestations:output_type -> gpuaas.node.v1.ListNodeAttestationsResponse
-	31, // [31:37] is the sub-list for method output_type
-	25, // [25:31] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	27, // 10: gpuaas.node.v1.Node.drain_deadline:type_name -> google.protobuf.Timestamp
+	0,  // 11: gpuaas.node.v1.AttestationVerdict.status:type_name -> gpuaas.node.v1.AttestationStatus
+	9,  // 12: gpuaas.node.v1.AttestationVerdict.checks:type_name -> gpuaas.node.v1.AttestationCheck
+	27, // 13: gpuaas.node.v1.AttestationVerdict.report_time:type_name -> google.protobuf.Timestamp
+	27, // 14: gpuaas.node.v1.AttestationVerdict.verify_time:type_name -> google.protobuf.Timestamp
+	0,  // 15: gpuaas.node.v1.NodeAttestation.status:type_name -> gpuaas.node.v1.AttestationStatus
+	10, // 16: gpuaas.node.v1.NodeAttestation.latest:type_name -> gpuaas.node.v1.AttestationVerdict
+	11, // 17: gpuaas.node.v1.NodeAttestation.report:type_name -> gpuaas.node.v1.SignedReport
+	27, // 18: gpuaas.node.v1.NodeAttestation.last_success:type_name -> google.protobuf.Timestamp
+	27, // 19: gpuaas.node.v1.NodeAttestation.last_failure:type_name -> google.protobuf.Timestamp
+	8,  // 20: gpuaas.node.v1.CordonNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	28, // 21: gpuaas.node.v1.DrainNodeRequest.deadline:type_name -> google.protobuf.Duration
+	8,  // 22: gpuaas.node.v1.DrainNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	8,  // 23: gpuaas.node.v1.UncordonNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	12, // 24: gpuaas.node.v1.GetNodeAttestationResponse.attestation:type_name -> gpuaas.node.v1.NodeAttestation
+	10, // 25: gpuaas.node.v1.ListNodeAttestationsResponse.verdicts:type_name -> gpuaas.node.v1.AttestationVerdict
+	8,  // 26: gpuaas.node.v1.ListNodesResponse.nodes:type_name -> gpuaas.node.v1.Node
+	8,  // 27: gpuaas.node.v1.GetNodeResponse.node:type_name -> gpuaas.node.v1.Node
+	23, // 28: gpuaas.node.v1.NodeService.ListNodes:input_type -> gpuaas.node.v1.ListNodesRequest
+	25, // 29: gpuaas.node.v1.NodeService.GetNode:input_type -> gpuaas.node.v1.GetNodeRequest
+	13, // 30: gpuaas.node.v1.NodeService.CordonNode:input_type -> gpuaas.node.v1.CordonNodeRequest
+	15, // 31: gpuaas.node.v1.NodeService.UncordonNode:input_type -> gpuaas.node.v1.UncordonNodeRequest
+	16, // 32: gpuaas.node.v1.NodeService.DrainNode:input_type -> gpuaas.node.v1.DrainNodeRequest
+	19, // 33: gpuaas.node.v1.NodeService.GetNodeAttestation:input_type -> gpuaas.node.v1.GetNodeAttestationRequest
+	21, // 34: gpuaas.node.v1.NodeService.ListNodeAttestations:input_type -> gpuaas.node.v1.ListNodeAttestationsRequest
+	24, // 35: gpuaas.node.v1.NodeService.ListNodes:output_type -> gpuaas.node.v1.ListNodesResponse
+	26, // 36: gpuaas.node.v1.NodeService.GetNode:output_type -> gpuaas.node.v1.GetNodeResponse
+	14, // 37: gpuaas.node.v1.NodeService.CordonNode:output_type -> gpuaas.node.v1.CordonNodeResponse
+	18, // 38: gpuaas.node.v1.NodeService.UncordonNode:output_type -> gpuaas.node.v1.UncordonNodeResponse
+	17, // 39: gpuaas.node.v1.NodeService.DrainNode:output_type -> gpuaas.node.v1.DrainNodeResponse
+	20, // 40: gpuaas.node.v1.NodeService.GetNodeAttestation:output_type -> gpuaas.node.v1.GetNodeAttestationResponse
+	22, // 41: gpuaas.node.v1.NodeService.ListNodeAttestations:output_type -> gpuaas.node.v1.ListNodeAttestationsResponse
+	35, // [35:42] is the sub-list for method output_type
+	28, // [28:35] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_gpuaas_node_v1_node_proto_init() }
@@ -1895,7 +2057,7 @@ func file_gpuaas_node_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpuaas_node_v1_node_proto_rawDesc), len(file_gpuaas_node_v1_node_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	NodeService_GetNode_FullMethodName              = "/gpuaas.node.v1.NodeService/GetNode"
 	NodeService_CordonNode_FullMethodName           = "/gpuaas.node.v1.NodeService/CordonNode"
 	NodeService_UncordonNode_FullMethodName         = "/gpuaas.node.v1.NodeService/UncordonNode"
+	NodeService_DrainNode_FullMethodName            = "/gpuaas.node.v1.NodeService/DrainNode"
 	NodeService_GetNodeAttestation_FullMethodName   = "/gpuaas.node.v1.NodeService/GetNodeAttestation"
 	NodeService_ListNodeAttestations_FullMethodName = "/gpuaas.node.v1.NodeService/ListNodeAttestations"
 )
@@ -43,6 +44,11 @@ type NodeServiceClient interface {
 	// failure cordoned the node.
 	CordonNode(ctx context.Context, in *CordonNodeRequest, opts ...grpc.CallOption) (*CordonNodeResponse, error)
 	UncordonNode(ctx context.Context, in *UncordonNodeRequest, opts ...grpc.CallOption) (*UncordonNodeResponse, error)
+	// DrainNode cordons a node and, at the deadline, cancels the leases still
+	// running there (each cancellation audited as the control plane's, with
+	// reason "drained"). UncordonNode ends a drain that has not reached its
+	// deadline.
+	DrainNode(ctx context.Context, in *DrainNodeRequest, opts ...grpc.CallOption) (*DrainNodeResponse, error)
 	// GetNodeAttestation is a node's latest attestation verdict with the
 	// signed report it was made from, and its counts.
 	GetNodeAttestation(ctx context.Context, in *GetNodeAttestationRequest, opts ...grpc.CallOption) (*GetNodeAttestationResponse, error)
@@ -98,6 +104,16 @@ func (c *nodeServiceClient) UncordonNode(ctx context.Context, in *UncordonNodeRe
 	return out, nil
 }
 
+func (c *nodeServiceClient) DrainNode(ctx context.Context, in *DrainNodeRequest, opts ...grpc.CallOption) (*DrainNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainNodeResponse)
+	err := c.cc.Invoke(ctx, NodeService_DrainNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *nodeServiceClient) GetNodeAttestation(ctx context.Context, in *GetNodeAttestationRequest, opts ...grpc.CallOption) (*GetNodeAttestationResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetNodeAttestationResponse)
@@ -131,6 +147,11 @@ type NodeServiceServer interface {
 	// failure cordoned the node.
 	CordonNode(context.Context, *CordonNodeRequest) (*CordonNodeResponse, error)
 	UncordonNode(context.Context, *UncordonNodeRequest) (*UncordonNodeResponse, error)
+	// DrainNode cordons a node and, at the deadline, cancels the leases still
+	// running there (each cancellation audited as the control plane's, with
+	// reason "drained"). UncordonNode ends a drain that has not reached its
+	// deadline.
+	DrainNode(context.Context, *DrainNodeRequest) (*DrainNodeResponse, error)
 	// GetNodeAttestation is a node's latest attestation verdict with the
 	// signed report it was made from, and its counts.
 	GetNodeAttestation(context.Context, *GetNodeAttestationRequest) (*GetNodeAttestationResponse, error)
@@ -157,6 +178,9 @@ func (UnimplementedNodeServiceServer) CordonNode(context.Context, *CordonNodeReq
 }
 func (UnimplementedNodeServiceServer) UncordonNode(context.Context, *UncordonNodeRequest) (*UncordonNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UncordonNode not implemented")
+}
+func (UnimplementedNodeServiceServer) DrainNode(context.Context, *DrainNodeRequest) (*DrainNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DrainNode not implemented")
 }
 func (UnimplementedNodeServiceServer) GetNodeAttestation(context.Context, *GetNodeAttestationRequest) (*GetNodeAttestationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetNodeAttestation not implemented")
@@ -257,6 +281,24 @@ func _NodeService_UncordonNode_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NodeService_DrainNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).DrainNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_DrainNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).DrainNode(ctx, req.(*DrainNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _NodeService_GetNodeAttestation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetNodeAttestationRequest)
 	if err := dec(in); err != nil {
@@ -315,6 +357,10 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UncordonNode",
 			Handler:    _NodeService_UncordonNode_Handler,
+		},
+		{
+			MethodName: "DrainNode",
+			Handler:    _NodeService_DrainNode_Handler,
 		},
 		{
 			MethodName: "GetNodeAttestation",
