@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -305,4 +306,56 @@ func TestUnaryGetsADefaultDeadline(t *testing.T) {
 	if _, err := a.Unary(discard())(long, nil, info, handler); err != nil || left > time.Minute {
 		t.Fatalf("an hour-long deadline was not capped: %v %s", err, left)
 	}
+}
+
+// ctxStream is a grpc.ServerStream that only has a context.
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s ctxStream) Context() context.Context     { return s.ctx }
+func (s ctxStream) SetHeader(metadata.MD) error  { return nil }
+func (s ctxStream) SetTrailer(metadata.MD)       {}
+func (s ctxStream) SendHeader(metadata.MD) error { return nil }
+
+// TestAStreamLivesNoLongerThanItsToken: a watch opened with a bearer token
+// ends at the token's expiry with Unauthenticated TOKEN_EXPIRED, so a
+// revoked-by-expiry caller cannot keep reading; an SVID's stream is not cut.
+func TestAStreamLivesNoLongerThanItsToken(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("gpuaas.test")
+	ca, err := identity.NewCA(td, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opID, _ := identity.OperatorID(td, "alice")
+	tokens := fakeTokens{"short": {Kind: authn.KindToken, Subject: "bob", Tenant: "acme", Scopes: []authn.Scope{authn.ScopeLeaseRead},
+		Expiry: time.Now().Add(300 * time.Millisecond)}}
+	a := Authorizer{TrustDomain: td, Tokens: tokens}
+	info := &grpc.StreamServerInfo{FullMethod: "/gpuaas.lease.v1.LeaseService/WatchLeases", IsServerStream: true}
+	// The handler runs until its context ends, as WatchLeases does.
+	watch := func(_ any, ss grpc.ServerStream) error {
+		select {
+		case <-ss.Context().Done():
+			return ss.Context().Err()
+		case <-time.After(time.Minute):
+			return errors.New("the stream was not ended")
+		}
+	}
+	log := slog.New(slog.DiscardHandler)
+	err = a.Stream(log)(nil, ctxStream{ctx: withBearer(noPeer(), "Bearer short")}, info, watch)
+	if e := errs.FromStatus(err); !errors.Is(e, errs.ErrUnauthenticated) || errs.ReasonOf(e) != "TOKEN_EXPIRED" {
+		t.Fatalf("a watch past its token's expiry ended with %v", err)
+	}
+	// An operator SVID's stream has no such deadline.
+	ended := make(chan error, 1)
+	ctx, cancel := context.WithCancel(svidPeer(t, ca, opID))
+	go func() { ended <- a.Stream(log)(nil, ctxStream{ctx: ctx}, info, watch) }()
+	select {
+	case err := <-ended:
+		t.Fatalf("an SVID stream ended by itself: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	cancel()
+	<-ended
 }

@@ -381,11 +381,26 @@ func (a Authorizer) Stream(log *slog.Logger) grpc.StreamServerInterceptor {
 			return r.err
 		}
 		who = principalID(actx)
+		// A stream authenticated by a bearer token lives no longer than the
+		// token: at its expiry the stream ends and the caller must come
+		// back with a fresh token (an SVID's stream lives on: the agent
+		// signs with its rotated SVID and sessions survive rotation).
+		if p, ok := authn.FromContext(actx); ok && p.Kind == authn.KindToken && !p.Expiry.IsZero() {
+			var cancel context.CancelFunc
+			actx, cancel = context.WithDeadlineCause(actx, p.Expiry, errStreamTokenExpired)
+			defer cancel()
+		}
 		err = handler(srv, wrappedStream{ServerStream: ss, ctx: actx})
+		if errors.Is(context.Cause(actx), errStreamTokenExpired) {
+			err = errs.New(errs.ErrUnauthenticated, "TOKEN_EXPIRED", "the bearer token expired during the stream; call again with a fresh token")
+		}
 		a.handlerDenial(actx, info.FullMethod, err)
 		return err
 	}
 }
+
+// errStreamTokenExpired ends a stream whose bearer token expired.
+var errStreamTokenExpired = errors.New("bearer token expired during the stream")
 
 // ServerOptions returns the interceptors, the stats handler that audits
 // calls refused by the transport before they reach an interceptor (an
