@@ -59,6 +59,39 @@ tool() { # name module-path package... (first package names the binary dir)
 tool staticcheck honnef.co/go/tools honnef.co/go/tools/cmd/staticcheck
 tool nfpm github.com/goreleaser/nfpm/v2 github.com/goreleaser/nfpm/v2/cmd/nfpm
 
+# promtool validates both daemons' /metrics (test/metrics). It comes from
+# Debian's prometheus package, which is NOT installed (its postinst would
+# start a Prometheus server): the .deb is downloaded and only usr/bin/promtool
+# is extracted, into .cache/bin/promtool-<Debian version>/.
+PROM_VERSION=$(apt-cache policy prometheus 2>/dev/null | awk '$1=="Candidate:" {print $2}')
+if { [ -z "$PROM_VERSION" ] || [ "$PROM_VERSION" = "(none)" ]; } && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq
+  PROM_VERSION=$(apt-cache policy prometheus 2>/dev/null | awk '$1=="Candidate:" {print $2}')
+fi
+if [ -z "$PROM_VERSION" ] || [ "$PROM_VERSION" = "(none)" ]; then
+  echo "setup: no prometheus package in the apt sources; promtool is missing (test/metrics fails under CI)" >&2
+elif [ ! -x ".cache/bin/promtool-$PROM_VERSION/promtool" ]; then
+  echo "setup: extracting promtool from prometheus $PROM_VERSION (cached afterwards)"
+  PROM_OUT=".cache/bin/promtool-$PROM_VERSION"
+  PROM_TMP=$(mktemp -d)
+  trap 'rm -rf "$PROM_TMP"' EXIT
+  (cd "$PROM_TMP" && apt-get download -qq -o APT::Sandbox::User=root "prometheus=$PROM_VERSION")
+  deb=$(ls "$PROM_TMP"/prometheus_*.deb)
+  got=$(dpkg-deb -f "$deb" Version)
+  [ "$got" = "$PROM_VERSION" ] || { echo "setup: downloaded prometheus $got, want $PROM_VERSION" >&2; exit 1; }
+  mkdir -p "$PROM_TMP/root"
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$PROM_TMP/root" ./usr/bin/promtool
+  "$PROM_TMP/root/usr/bin/promtool" --version >/dev/null
+  rm -rf "$PROM_OUT.tmp" && mkdir -p "$PROM_OUT.tmp"
+  mv "$PROM_TMP/root/usr/bin/promtool" "$PROM_OUT.tmp/promtool"
+  rm -rf "$PROM_OUT" && mv "$PROM_OUT.tmp" "$PROM_OUT"
+  rm -rf "$PROM_TMP"
+  trap - EXIT
+fi
+if [ -n "$PROM_VERSION" ] && [ -x ".cache/bin/promtool-$PROM_VERSION/promtool" ]; then
+  ln -sfn "promtool-$PROM_VERSION/promtool" .cache/bin/promtool
+fi
+
 # SPIRE is by far the slowest (about 2,000 packages, 8+ minutes from a cold
 # Go cache on 2 cores) and only the SPIRE tests need it: it builds in the
 # background at low priority while the rest of the suite compiles and runs,

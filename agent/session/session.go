@@ -9,6 +9,7 @@ package session
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,7 @@ import (
 	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/agent/lease"
@@ -75,7 +77,108 @@ type EventSigner interface {
 // Client is the agent's side of the session.
 type Client struct {
 	o Options
+
+	mu sync.Mutex
+	st Status // guarded by mu; read with Status
 }
+
+// Status is what the client knows of its link to the control plane, for
+// the agent's status socket. The zero time means "never".
+type Status struct {
+	Address string `json:"address"`
+	// Connected is true from the control plane's first message on a
+	// session (it answers the hello with the desired state) until that
+	// session ends. Since is when Connected last changed (or when Run
+	// started, before the first session).
+	Connected bool      `json:"connected"`
+	Since     time.Time `json:"since,omitzero"`
+	// LastError is why the last session ended or failed to open, and
+	// LastErrorTime when; Reconnects counts the sessions that ended and
+	// were retried.
+	LastError     string    `json:"last_error,omitempty"`
+	LastErrorTime time.Time `json:"last_error_time,omitzero"`
+	Reconnects    uint64    `json:"reconnects"`
+	// Challenge is the last attestation challenge handled, Telemetry the
+	// last signed telemetry report sent.
+	Challenge ChallengeStatus `json:"challenge"`
+	Telemetry TelemetryStatus `json:"telemetry"`
+}
+
+// ChallengeStatus is the last attestation challenge the agent handled.
+type ChallengeStatus struct {
+	Time time.Time `json:"time,omitzero"`
+	// NoncePrefix is the first bytes of the challenge's nonce, in hex:
+	// enough to match it with the control plane's records.
+	NoncePrefix string `json:"nonce_prefix,omitempty"`
+	// OK: the signed report was sent; Error says why not otherwise.
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+}
+
+// TelemetryStatus is the last telemetry report sent.
+type TelemetryStatus struct {
+	Time     time.Time `json:"time,omitzero"`
+	Sequence uint64    `json:"sequence,omitempty"`
+}
+
+// noncePrefixBytes is how much of a nonce Status shows.
+const noncePrefixBytes = 4
+
+// Status returns a snapshot of the client's link state; safe to call from
+// any goroutine while Run runs.
+func (c *Client) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.st
+}
+
+// update changes the status under the lock.
+func (c *Client) update(f func(*Status)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f(&c.st)
+}
+
+// setConnected records a change of the link, and why it went down.
+func (c *Client) setConnected(up bool, err error) {
+	c.update(func(st *Status) {
+		now := time.Now()
+		if st.Connected != up {
+			st.Connected, st.Since = up, now
+		}
+		if err != nil {
+			st.LastError, st.LastErrorTime = err.Error(), now
+		}
+	})
+}
+
+// telemetrySequence reads a report's sequence number from its signed
+// payload without decoding the readings; 0 if the payload has none.
+func telemetrySequence(r *agentv1.TelemetryReport) uint64 {
+	b := r.GetPayload()
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return 0
+		}
+		b = b[n:]
+		if num == telemetrySequenceField && typ == protowire.VarintType {
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return 0
+			}
+			return v
+		}
+		if n = protowire.ConsumeFieldValue(num, typ, b); n < 0 {
+			return 0
+		}
+		b = b[n:]
+	}
+	return 0
+}
+
+// telemetrySequenceField is TelemetryPayload.sequence's field number.
+var telemetrySequenceField = (&agentv1.TelemetryPayload{}).ProtoReflect().Descriptor().Fields().ByName("sequence").Number()
 
 // New returns a client.
 func New(o Options) *Client {
@@ -91,7 +194,7 @@ func New(o Options) *Client {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Client{o: o}
+	return &Client{o: o, st: Status{Address: o.Address}}
 }
 
 // Run keeps a session open until ctx ends.
@@ -112,12 +215,16 @@ func (c *Client) Run(ctx context.Context) error {
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 200 * time.Millisecond
 	bo.MaxInterval = c.o.MaxBackoff
+	c.update(func(st *Status) { st.Since = time.Now() })
+	defer c.setConnected(false, nil)
 	for {
 		start := time.Now()
 		err := c.session(ctx, client)
 		if ctx.Err() != nil {
 			return nil
 		}
+		c.setConnected(false, err)
+		c.update(func(st *Status) { st.Reconnects++ })
 		if time.Since(start) > 30*time.Second {
 			bo.Reset()
 		}
@@ -229,8 +336,9 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 	// collection reads the driver and may quote a TPM); a challenge that
 	// comes while one is being answered waits for it.
 	type answer struct {
-		resp *agentv1.ChallengeResponse
-		err  error
+		nonce []byte
+		resp  *agentv1.ChallengeResponse
+		err   error
 	}
 	answers := make(chan answer, 1)
 	var queued [][]byte
@@ -240,7 +348,7 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 		go func() {
 			resp, err := c.o.Attester.Respond(ctx, nonce)
 			select {
-			case answers <- answer{resp, err}:
+			case answers <- answer{nonce, resp, err}:
 			case <-ctx.Done():
 			}
 		}()
@@ -255,6 +363,9 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 			}
 			return err
 		case m := <-recvd:
+			if !c.Status().Connected {
+				c.setConnected(true, nil)
+			}
 			switch msg := m.GetMsg().(type) {
 			case *agentv1.SessionResponse_Desired:
 				c.o.Logger.Debug("desired state", "generation", msg.Desired.GetGeneration(), "leases", len(msg.Desired.GetLeases()))
@@ -320,21 +431,27 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 				// Unanswered, the challenge expires and the node reads
 				// STALE; the next challenge tries again.
 				c.o.Logger.Warn("attestation challenge not answered", "err", a.err)
+				c.recordChallenge(a.nonce, a.err)
 				continue
 			}
 			// The observed state goes first: the report was collected
 			// before it, so the control plane judges the report against
 			// lease phases at least as new as the evidence.
 			if err := sendObserved(); err != nil {
+				c.recordChallenge(a.nonce, err)
 				return err
 			}
 			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_ChallengeResponse{ChallengeResponse: a.resp}}); err != nil {
+				c.recordChallenge(a.nonce, err)
 				return err
 			}
+			c.recordChallenge(a.nonce, nil)
 		case r := <-c.o.Telemetry:
 			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_Telemetry{Telemetry: r}}); err != nil {
 				return err
 			}
+			seq := telemetrySequence(r)
+			c.update(func(st *Status) { st.Telemetry = TelemetryStatus{Time: time.Now(), Sequence: seq} })
 		case ch := <-logChunks:
 			if err := stream.Send(&agentv1.SessionRequest{Msg: &agentv1.SessionRequest_LogChunk{LogChunk: ch}}); err != nil {
 				return err
@@ -364,4 +481,13 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 			}
 		}
 	}
+}
+
+// recordChallenge records the outcome of answering a challenge.
+func (c *Client) recordChallenge(nonce []byte, err error) {
+	cs := ChallengeStatus{Time: time.Now(), NoncePrefix: hex.EncodeToString(nonce[:min(len(nonce), noncePrefixBytes)]), OK: err == nil}
+	if err != nil {
+		cs.Error = err.Error()
+	}
+	c.update(func(st *Status) { st.Challenge = cs })
 }

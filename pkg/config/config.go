@@ -1,7 +1,9 @@
 // Package config loads the daemons' YAML configuration files strictly: an
 // unknown key, a wrong type or an invalid value stops the daemon at start
 // with the offending key named. It never fills in silently what it could
-// not parse.
+// not parse. Flags (-set key.path=value) and environment variables
+// (GPUAAS_<DAEMON>_<KEY_PATH>) override the file before validation (see
+// Overrides for the precedence).
 package config
 
 import (
@@ -10,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -32,25 +33,29 @@ type Validator interface {
 }
 
 // Load reads the YAML file at path into v, rejecting unknown keys, then
-// calls v.Validate if v implements Validator.
+// calls v.Validate if v implements Validator. LoadWith also applies
+// flags and environment variables over the file.
 func Load(path string, v any) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
-	if err != nil {
-		return fmt.Errorf("%w: read %s: %v", ErrInvalid, path, err)
-	}
-	if err := Decode(data, v); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	return nil
+	_, err := LoadWith(path, v, Overrides{})
+	return err
 }
 
 // Decode parses YAML strictly into v and validates it.
 func Decode(data []byte, v any) error {
+	if err := decodeStrict(data, v); err != nil {
+		return err
+	}
+	if val, ok := v.(Validator); ok {
+		if err := val.Validate(); err != nil {
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
+	return nil
+}
+
+// decodeStrict parses one YAML document strictly into v, naming the key of
+// any error; it does not validate.
+func decodeStrict(data []byte, v any) error {
 	if len(data) > MaxSize {
 		return fmt.Errorf("%w: larger than %d bytes", ErrInvalid, MaxSize)
 	}
@@ -62,11 +67,6 @@ func Decode(data []byte, v any) error {
 	var extra any
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
 		return fmt.Errorf("%w: more than one YAML document", ErrInvalid)
-	}
-	if val, ok := v.(Validator); ok {
-		if err := val.Validate(); err != nil {
-			return fmt.Errorf("%w: %v", ErrInvalid, err)
-		}
 	}
 	return nil
 }

@@ -214,6 +214,12 @@ func (c *Cluster) CPDataDir() string { return filepath.Join(c.Dir, "controlplane
 // AgentDataDir is an agent's data directory.
 func (c *Cluster) AgentDataDir(node string) string { return filepath.Join(c.Dir, "agent-"+node) }
 
+// StatusSocket is an agent's status socket (`gpuaas-agent status
+// -socket`), in the cluster's directory (so Close removes it).
+func (c *Cluster) StatusSocket(node string) string {
+	return filepath.Join(c.Dir, "status-"+node+".sock")
+}
+
 // PinRoot is where an agent pins its leases' eBPF fences: unique per
 // cluster, removed at Close.
 func (c *Cluster) PinRoot(node string) string {
@@ -369,6 +375,7 @@ stop_grace: %s
 isolation:
   pin_root: %q
 metrics_listen: %q
+status_socket: %q
 telemetry:
   interval: 2s
 network:
@@ -379,7 +386,7 @@ network:
 %slog:
   level: %s
 `, node, c.CPAddr, TrustDomain, c.svidYAML(c.PKI.Agents[node]), c.AgentDataDir(node), c.Containerd.Address(), c.Namespace, filepath.Join(c.AgentDataDir(node), "cdi"),
-		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node],
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.StatusSocket(node),
 		n.Bridge, n.Subnet, n.PluginDir, n.RunDir, logs, c.opts.LogLevel)
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {

@@ -36,6 +36,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/partition"
 	"github.com/gpuaas/gpuaas/agent/runtime"
 	"github.com/gpuaas/gpuaas/agent/session"
+	"github.com/gpuaas/gpuaas/agent/status"
 	"github.com/gpuaas/gpuaas/agent/telemetry"
 	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/auditsig"
@@ -136,6 +137,12 @@ type Config struct {
 	// MetricsListen serves Prometheus metrics at /metrics (host:port);
 	// empty turns it off.
 	MetricsListen string `yaml:"metrics_listen"`
+	// StatusSocket is the unix socket `gpuaas-agent status` reads (default
+	// /run/gpuaas/agent.sock; "none" turns it off). Only root may read it,
+	// and the uids and groups in StatusAllowUIDs/GIDs.
+	StatusSocket    string   `yaml:"status_socket"`
+	StatusAllowUIDs []uint32 `yaml:"status_allow_uids"`
+	StatusAllowGIDs []uint32 `yaml:"status_allow_gids"`
 	// Telemetry samples every GPU and MIG device every interval (default
 	// 10s), for /metrics and, signed, for the control plane.
 	Telemetry struct {
@@ -247,6 +254,16 @@ func (c *Config) Validate() error {
 			return config.FieldError("metrics_listen", "must be host:port: %v", err)
 		}
 	}
+	if c.StatusSocket == "" {
+		c.StatusSocket = status.DefaultSocket
+	}
+	if c.StatusSocket != "none" {
+		if err := c.statusConfig(nil).Validate(); err != nil {
+			return config.FieldError("status_socket", "%v", err)
+		}
+	} else if len(c.StatusAllowUIDs) > 0 || len(c.StatusAllowGIDs) > 0 {
+		return config.FieldError("status_socket", "is \"none\" but status_allow_uids or status_allow_gids is set")
+	}
 	if c.Isolation.PinRoot == "" {
 		c.Isolation.PinRoot = "/sys/fs/bpf/gpuaas"
 	}
@@ -328,6 +345,23 @@ func (c *Config) validateLogs() error {
 	return nil
 }
 
+// statusConfig is the status server's configuration.
+func (c *Config) statusConfig(log *slog.Logger) status.Config {
+	return status.Config{Socket: c.StatusSocket, AllowUIDs: c.StatusAllowUIDs, AllowGIDs: c.StatusAllowGIDs, Logger: log}
+}
+
+// loadConfig reads the configuration file with the environment's
+// GPUAAS_AGENT_* variables and the -set flags over it (config.Overrides).
+func loadConfig(path string, sets config.SetFlags) (*Config, []config.Override, error) {
+	var cfg Config
+	applied, err := config.LoadWith(path, &cfg, config.Overrides{EnvPrefix: config.EnvPrefix("agent"), Environ: os.Environ(), Set: sets})
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg.path = path
+	return &cfg, applied, nil
+}
+
 // logDriver is the log driver to use: the configured one, else
 // gpuaas-logdriver next to the agent's executable if it is there ("" if
 // not: the shim then writes an uncapped log).
@@ -347,14 +381,21 @@ func logDriver(cfg *Config, log *slog.Logger) string {
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "doctor" {
-		os.Exit(doctorMain(os.Args[2:]))
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "doctor":
+			os.Exit(doctorMain(os.Args[2:]))
+		case "status":
+			os.Exit(statusMain(os.Args[2:], os.Stdout, os.Stderr))
+		}
 	}
 	cfgPath := flag.String("config", "/etc/gpuaas/agent.yaml", "configuration file")
 	showVersion := flag.Bool("version", false, "print the version and exit")
-	checkConfig := flag.Bool("check-config", false, "validate the configuration file and exit (0: valid)")
+	checkConfig := flag.Bool("check-config", false, "validate the configuration (file, environment and -set) and exit (0: valid)")
+	var sets config.SetFlags
+	flag.Var(&sets, "set", "override a configuration key, `key.path=value` (repeatable; over GPUAAS_AGENT_* variables, over the file)")
 	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: gpuaas-agent [-config FILE] [-check-config] [-version]\n       gpuaas-agent doctor [-config FILE] [-json]\n")
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: gpuaas-agent [-config FILE] [-set key.path=value]... [-check-config] [-version]\n       gpuaas-agent doctor [-config FILE] [-set key.path=value]... [-json]\n       gpuaas-agent status [-config FILE | -socket PATH] [-json]\n")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -362,20 +403,25 @@ func main() {
 		fmt.Println("gpuaas-agent", version)
 		return
 	}
-	var cfg Config
-	if err := config.Load(*cfgPath, &cfg); err != nil {
+	cfg, applied, err := loadConfig(*cfgPath, sets)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaas-agent:", err)
 		os.Exit(2)
 	}
-	cfg.path = *cfgPath
 	if *checkConfig {
 		fmt.Println("gpuaas-agent: configuration", *cfgPath, "is valid")
+		for _, o := range applied {
+			fmt.Println("  overridden:", o)
+		}
 		return
 	}
 	log := sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON).With("node", cfg.Node)
+	for _, o := range applied {
+		log.Info("configuration key overridden", "key", o.Key, "source", o.Source)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, &cfg, log); err != nil {
+	if err := run(ctx, cfg, log); err != nil {
 		log.Error("agent stopped", "err", err)
 		os.Exit(1)
 	}
@@ -388,17 +434,19 @@ func doctorMain(args []string) int {
 	fs := flag.NewFlagSet("doctor", flag.ContinueOnError)
 	cfgPath := fs.String("config", "/etc/gpuaas/agent.yaml", "configuration file")
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
+	var sets config.SetFlags
+	fs.Var(&sets, "set", "override a configuration key, `key.path=value` (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	var cfg Config
-	if err := config.Load(*cfgPath, &cfg); err != nil {
+	cfg, _, err := loadConfig(*cfgPath, sets)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaas-agent doctor:", err)
 		return 2
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	rs := doctor.Run(ctx, doctorInputs(&cfg))
+	rs := doctor.Run(ctx, doctorInputs(cfg))
 	if err := doctor.Write(os.Stdout, rs, *asJSON); err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaas-agent doctor:", err)
 		return 2
@@ -607,6 +655,29 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			return inv, err
 		},
 	})
+	if cfg.StatusSocket != "none" {
+		// Operators' view of this agent; a failure to serve it is logged,
+		// never fatal (it changes nothing the agent enforces).
+		srv, err := status.Listen(cfg.statusConfig(log), status.Sources{
+			Node: cfg.Node, Version: version, Session: client.Status, Journal: j.Records, GPU: backend,
+			Fences: func() status.Fencer {
+				if f := fencerP.Load(); f != nil {
+					return f
+				}
+				return nil
+			},
+		})
+		if err != nil {
+			log.Error("status socket unavailable; `gpuaas-agent status` will not reach this agent", "err", err)
+		} else {
+			go func() {
+				if err := srv.Serve(); err != nil {
+					log.Error("status socket stopped", "err", err)
+				}
+			}()
+			defer srv.Close()
+		}
+	}
 	log.Info("agent starting", "version", version, "control_plane", cfg.ControlPlane, "backend", cfg.GPU.Backend)
 	done := make(chan error, 1)
 	go func() { done <- exec.Run(ctx) }()

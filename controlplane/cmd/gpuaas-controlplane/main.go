@@ -264,24 +264,33 @@ func (a *AuditConfig) validate(td spiffeid.TrustDomain) error {
 func main() {
 	cfgPath := flag.String("config", "/etc/gpuaas/controlplane.yaml", "configuration file")
 	showVersion := flag.Bool("version", false, "print the version and exit")
-	checkConfig := flag.Bool("check-config", false, "validate the configuration file and exit (0: valid)")
+	checkConfig := flag.Bool("check-config", false, "validate the configuration (file, environment and -set) and exit (0: valid)")
+	var sets config.SetFlags
+	flag.Var(&sets, "set", "override a configuration key, `key.path=value` (repeatable; over GPUAAS_CONTROLPLANE_* variables, over the file)")
 	flag.Parse()
 	if *showVersion {
 		fmt.Println("gpuaas-controlplane", version)
 		return
 	}
 	var cfg Config
-	if err := config.Load(*cfgPath, &cfg); err != nil {
+	applied, err := config.LoadWith(*cfgPath, &cfg, config.Overrides{EnvPrefix: config.EnvPrefix("controlplane"), Environ: os.Environ(), Set: sets})
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaas-controlplane:", err)
 		os.Exit(2)
 	}
 	if *checkConfig {
 		fmt.Println("gpuaas-controlplane: configuration", *cfgPath, "is valid")
+		for _, o := range applied {
+			fmt.Println("  overridden:", o)
+		}
 		return
 	}
 	// Every line logged with a call's context carries its request and
 	// trace ids.
 	log := slog.New(api.CorrelatedHandler(sanitize.Logger(os.Stderr, cfg.level, cfg.Log.JSON).Handler()))
+	for _, o := range applied {
+		log.Info("configuration key overridden", "key", o.Key, "source", o.Source)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, &cfg, log); err != nil {
