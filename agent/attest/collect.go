@@ -64,8 +64,9 @@ type Config struct {
 	// FencesFromDescription); nil means the node runs none.
 	Leases func(context.Context) ([]attestation.LeaseEvidence, error)
 	// GPUCC returns a GPU's confidential-computing attestation report and
-	// certificates through NVML; nil, or ok false, reports
-	// attestation.CCNotAvailable.
+	// certificates through NVML; nil, or ok false without a Status,
+	// reports attestation.CCNotAvailable; ok false with a Status reports
+	// that status (why there is none).
 	GPUCC func(ctx context.Context, gpuUUID string, nonce []byte) (cc attestation.CCAttestation, ok bool, err error)
 	// TPM is the TPM transport (e.g. transport.OpenTPM("/dev/tpmrm0"));
 	// nil reports attestation.TPMNotAvailable. Its user must not share it
@@ -222,6 +223,10 @@ func (c *Collector) gpus(ctx context.Context, nonce []byte) (attestation.GPUEvid
 				gd.CC = attestation.CCAttestation{Status: "unknown (" + err.Error() + ")"}
 			case ok:
 				gd.CC = cc
+			case cc.Status != "":
+				// Why there is none, in the backend's words (CC mode off,
+				// a driver without CC support...).
+				gd.CC = attestation.CCAttestation{Status: cc.Status}
 			}
 		}
 		ev.Devices = append(ev.Devices, gd)

@@ -221,6 +221,23 @@ type Event struct {
 	ComputeInstanceID uint32
 }
 
+// CCEvidence is a GPU's confidential-computing attestation evidence, or
+// why there is none. Status is "attested" with a report, else a stated
+// "not available (...)" reason; it is never empty.
+type CCEvidence struct {
+	Status string
+	// Report is the GPU's attestation report over the nonce, as the
+	// driver returns it; Certificates its attestation certificate chain.
+	Report       []byte
+	Certificates []byte
+}
+
+// CCAttester is implemented by a backend that can read a GPU's
+// confidential-computing evidence (the NVML backend). It is read-only.
+type CCAttester interface {
+	ConfidentialCompute(ctx context.Context, gpuUUID string, nonce []byte) (CCEvidence, error)
+}
+
 // Observer is the read-only health and telemetry surface of a backend.
 type Observer interface {
 	// DeviceTelemetry reads a physical GPU; ErrNotFound for an unknown

@@ -141,8 +141,28 @@ func newCollector(cfg *Config, cfgPath string, backend gpu.Backend, rt *runtime.
 			return r, err
 		},
 		Leases:       leaseEvidence(j, fencer),
+		GPUCC:        gpuCC(backend),
 		TPM:          tpm,
 		PCRs:         cfg.Attestation.PCRs,
 		TelemetryKey: telemetryKey,
 	})
+}
+
+// gpuCC reads GPUs' confidential-computing evidence through the backend
+// when it can (NVML); nil otherwise, and the reports say "not available".
+func gpuCC(backend gpu.Backend) func(context.Context, string, []byte) (attestation.CCAttestation, bool, error) {
+	cc, ok := backend.(gpu.CCAttester)
+	if !ok {
+		return nil
+	}
+	return func(ctx context.Context, uuid string, nonce []byte) (attestation.CCAttestation, bool, error) {
+		ev, err := cc.ConfidentialCompute(ctx, uuid, nonce)
+		if err != nil {
+			return attestation.CCAttestation{}, false, err
+		}
+		if len(ev.Report) == 0 {
+			return attestation.CCAttestation{Status: ev.Status}, false, nil
+		}
+		return attestation.CCAttestation{Status: attestation.CCAttested, Report: ev.Report, Certificates: ev.Certificates}, true, nil
+	}
 }

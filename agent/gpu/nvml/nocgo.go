@@ -35,3 +35,8 @@ func (b *Backend) Dropped() uint64 { return 0 }
 func (b *Backend) DriverProfileNames(context.Context, string) (map[mig.ProfileID]string, error) {
 	return nil, gpu.ErrDriverUnavailable
 }
+
+// ConfidentialCompute is never reached (New fails).
+func (b *Backend) ConfidentialCompute(context.Context, string, []byte) (gpu.CCEvidence, error) {
+	return gpu.CCEvidence{}, gpu.ErrDriverUnavailable
+}
