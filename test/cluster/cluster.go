@@ -67,6 +67,12 @@ type Options struct {
 	// (by its SHA-256) and requires the device and egress fences on every
 	// running lease, with a 1 minute max age.
 	Policy func(*attestation.Policy)
+	// TelemetryInterval is the agents' telemetry.interval (default 2s).
+	TelemetryInterval time.Duration
+	// AgentConfig, if set, returns YAML appended to a node's agent
+	// configuration: top-level keys the cluster does not write itself
+	// (mig, for a static layout).
+	AgentConfig func(node string) string
 }
 
 // Proc is one daemon process.
@@ -76,6 +82,18 @@ type Proc struct {
 	cmd     *exec.Cmd
 	done    chan struct{}
 	err     error
+}
+
+// Pid is the process's id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Done is closed when the process has exited.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+// Err waits for the process to exit and returns how it ended.
+func (p *Proc) Err() error {
+	<-p.done
+	return p.err
 }
 
 // Running reports whether the process has not exited.
@@ -127,6 +145,9 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	}
 	if opts.StopGrace == 0 {
 		opts.StopGrace = 2 * time.Second
+	}
+	if opts.TelemetryInterval == 0 {
+		opts.TelemetryInterval = 2 * time.Second
 	}
 	c := &Cluster{opts: opts, Dir: opts.Dir, agents: map[string]*Proc{}, Namespace: harness.UniqueID("gpuaas"), Networks: map[string]*harness.Network{}}
 	if c.Dir == "" {
@@ -377,7 +398,7 @@ isolation:
 metrics_listen: %q
 status_socket: %q
 telemetry:
-  interval: 2s
+  interval: %s
 network:
   bridge: %s
   subnet: %s
@@ -386,8 +407,11 @@ network:
 %slog:
   level: %s
 `, node, c.CPAddr, TrustDomain, c.svidYAML(c.PKI.Agents[node]), c.AgentDataDir(node), c.Containerd.Address(), c.Namespace, filepath.Join(c.AgentDataDir(node), "cdi"),
-		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.StatusSocket(node),
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.StatusSocket(node), c.opts.TelemetryInterval,
 		n.Bridge, n.Subnet, n.PluginDir, n.RunDir, logs, c.opts.LogLevel)
+	if c.opts.AgentConfig != nil {
+		cfg += c.opts.AgentConfig(node)
+	}
 	p, err := c.start("agent-"+node, "gpuaas-agent", filepath.Join(c.Dir, "agent-"+node+".yaml"), cfg)
 	if err != nil {
 		return err
@@ -433,6 +457,14 @@ func (c *Cluster) StopAgent(node string, kill bool) error {
 		return stop(p, syscall.SIGKILL)
 	}
 	return stop(p, syscall.SIGTERM)
+}
+
+// Agent is a node's agent process, the one StartAgent started last (nil
+// before).
+func (c *Cluster) Agent(node string) *Proc {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.agents[node]
 }
 
 // Dial returns an operator connection to the control plane.

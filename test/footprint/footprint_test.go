@@ -3,21 +3,16 @@ package footprint
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
-
-	"go.yaml.in/yaml/v3"
 
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 	"github.com/gpuaas/gpuaas/test/cluster"
@@ -132,22 +127,21 @@ func TestAgentFootprint(t *testing.T) {
 	for i := range models {
 		models[i] = gpuModel
 	}
+	layout := filepath.Join(t.TempDir(), "mig-parted.yaml")
+	if err := os.WriteFile(layout, []byte(migPartedConfig), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	static := fmt.Sprintf("mig:\n  static:\n    config_file: %q\n    config_name: %s\n", layout, layoutName)
 	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	c, err := cluster.Start(startCtx, cluster.Options{BinDir: binDir, Agents: map[string][]string{node: models}, StopGrace: time.Second})
+	c, err := cluster.Start(startCtx, cluster.Options{BinDir: binDir, Agents: map[string][]string{node: models}, StopGrace: time.Second,
+		TelemetryInterval: telemetryInterval, AgentConfig: func(string) string { return static }})
 	if err != nil {
 		t.Fatalf("start cluster: %v", err)
 	}
-	var agent *process
 	t.Cleanup(func() {
-		// Cleanups run last in first out: the agent started below has
-		// stopped by now.
 		if t.Failed() {
-			logs := []string{"controlplane.log", "agent-" + node + ".log"}
-			if agent != nil {
-				logs = append(logs, filepath.Base(agent.logPath))
-			}
-			for _, f := range logs {
+			for _, f := range []string{"controlplane.log", "agent-" + node + ".log"} {
 				b, _ := os.ReadFile(filepath.Join(c.Dir, f))
 				t.Logf("%s:\n%s", f, tail(b, 8<<10))
 			}
@@ -156,17 +150,17 @@ func TestAgentFootprint(t *testing.T) {
 			t.Errorf("close cluster: %v", err)
 		}
 	})
-	agent = startPartitionedAgent(t, c, binDir)
+	agent := c.Agent(node)
 
 	nodes, err := c.Nodes(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	waitInventory(t, ctx, nodes, agent)
-	t.Logf("agent pid %d: %d %s GPUs, %d %s instances, telemetry interval %s; warm-up %s, then two phases of %s", agent.pid(), gpuCount, gpuModel, instances, profile, telemetryInterval, warmup, phase)
+	t.Logf("agent pid %d: %d %s GPUs, %d %s instances, telemetry interval %s; warm-up %s, then two phases of %s", agent.Pid(), gpuCount, gpuModel, instances, profile, telemetryInterval, warmup, phase)
 
 	hz := ClockTicks()
-	if err := agent.sleep(ctx, warmup); err != nil {
+	if err := sleep(ctx, agent, warmup); err != nil {
 		t.Fatal(err)
 	}
 	rep := &Report{Date: time.Now().UTC().Format(time.RFC3339), Kernel: kernel(), CPUs: runtime.NumCPU(), WarmupSeconds: warmup.Seconds(), ClockTicks: hz}
@@ -203,92 +197,15 @@ func TestAgentFootprint(t *testing.T) {
 	}
 }
 
-// startPartitionedAgent restarts the cluster's agent with a static MIG
-// layout (mig.static) and the telemetry interval under test, which the
-// cluster cannot set, and returns the running agent. The configuration is
-// the cluster's own with those two keys set.
-func startPartitionedAgent(t *testing.T, c *cluster.Cluster, binDir string) *process {
-	t.Helper()
-	if err := c.StopAgent(node, false); err != nil {
-		t.Fatalf("stop the cluster's agent: %v", err)
-	}
-	base, err := os.ReadFile(filepath.Join(c.Dir, "agent-"+node+".yaml"))
-	if err != nil {
-		t.Fatalf("the cluster's agent configuration: %v", err)
-	}
-	layout := filepath.Join(c.Dir, "mig-parted.yaml")
-	if err := os.WriteFile(layout, []byte(migPartedConfig), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	body, err := partitionedConfig(base, layout)
-	if err != nil {
-		t.Fatalf("the cluster's agent configuration: %v", err)
-	}
-	cfg := filepath.Join(c.Dir, "agent-"+node+"-static.yaml")
-	if err := os.WriteFile(cfg, body, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(binDir, "gpuaas-agent")
-	if out, err := exec.Command(bin, "-check-config", "-config", cfg).CombinedOutput(); err != nil {
-		t.Fatalf("agent configuration %s: %v: %s", cfg, err, out)
-	}
-	p, err := startProcess(bin, filepath.Join(c.Dir, "agent-"+node+"-static.log"), "-config", cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := p.stop(20 * time.Second); err != nil {
-			t.Errorf("stop agent: %v", err)
-		}
-	})
-	return p
-}
-
-// partitionedConfig is the agent configuration base with mig.static naming
-// layout and telemetry.interval set to the interval under test, whatever
-// base said about them; the rest of base is kept.
-func partitionedConfig(base []byte, layout string) ([]byte, error) {
-	var cfg map[string]any
-	if err := yaml.Unmarshal(base, &cfg); err != nil {
-		return nil, err
-	}
-	if cfg == nil {
-		return nil, errors.New("empty configuration")
-	}
-	section := func(key string) (map[string]any, error) {
-		switch v := cfg[key].(type) {
-		case nil:
-			m := map[string]any{}
-			cfg[key] = m
-			return m, nil
-		case map[string]any:
-			return v, nil
-		default:
-			return nil, fmt.Errorf("%s is a %T, not a mapping", key, v)
-		}
-	}
-	mig, err := section("mig")
-	if err != nil {
-		return nil, err
-	}
-	mig["static"] = map[string]any{"config_file": layout, "config_name": layoutName}
-	tel, err := section("telemetry")
-	if err != nil {
-		return nil, err
-	}
-	tel["interval"] = telemetryInterval.String()
-	return yaml.Marshal(cfg)
-}
-
 // waitInventory waits until the control plane sees the node connected with
 // every GPU fully partitioned.
-func waitInventory(t *testing.T, ctx context.Context, nodes nodev1.NodeServiceClient, agent *process) {
+func waitInventory(t *testing.T, ctx context.Context, nodes nodev1.NodeServiceClient, agent *cluster.Proc) {
 	t.Helper()
 	deadline := time.Now().Add(90 * time.Second)
 	last := "no answer"
 	for {
-		if !agent.running() {
-			t.Fatalf("agent exited before reporting its partitions: %v", agent.exitErr())
+		if !agent.Running() {
+			t.Fatalf("before reporting its partitions: %v", exited(agent))
 		}
 		resp, err := nodes.GetNode(ctx, &nodev1.GetNodeRequest{Id: node})
 		if err == nil {
@@ -306,7 +223,7 @@ func waitInventory(t *testing.T, ctx context.Context, nodes nodev1.NodeServiceCl
 		if time.Now().After(deadline) {
 			t.Fatalf("node %s never reported %d GPUs with %d instances: %s", node, gpuCount, instances, last)
 		}
-		if err := agent.sleep(ctx, 200*time.Millisecond); err != nil {
+		if err := sleep(ctx, agent, 200*time.Millisecond); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -315,7 +232,7 @@ func waitInventory(t *testing.T, ctx context.Context, nodes nodev1.NodeServiceCl
 // measure samples the agent every sampleEvery for d, with s scraping its
 // endpoint meanwhile if not nil. It fails when the agent exits, a sample
 // cannot be read, or a scrape fails.
-func measure(ctx context.Context, agent *process, d time.Duration, hz int, s *scraper) (PhaseReport, error) {
+func measure(ctx context.Context, agent *cluster.Proc, d time.Duration, hz int, s *scraper) (PhaseReport, error) {
 	rep := PhaseReport{LoadStart: loadavg()}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -335,10 +252,10 @@ func measure(ctx context.Context, agent *process, d time.Duration, hz int, s *sc
 	defer tick.Stop()
 	end := time.Now().Add(d)
 	for {
-		if !agent.running() {
-			return rep, fmt.Errorf("agent exited: %v", agent.exitErr())
+		if !agent.Running() {
+			return rep, exited(agent)
 		}
-		x, err := ReadSample(agent.pid())
+		x, err := ReadSample(agent.Pid())
 		if err != nil {
 			return rep, err
 		}
@@ -351,8 +268,8 @@ func measure(ctx context.Context, agent *process, d time.Duration, hz int, s *sc
 			return rep, ctx.Err()
 		case err := <-scrapeErr:
 			return rep, err
-		case <-agent.done:
-			return rep, fmt.Errorf("agent exited: %v", agent.exitErr())
+		case <-agent.Done():
+			return rep, exited(agent)
 		case <-tick.C:
 		}
 	}
@@ -439,52 +356,8 @@ func (s *scraper) stats() ScrapeStats {
 	return SummarizeScrapes(s.latencies, s.bytes, s.series)
 }
 
-// process is a daemon this test started itself.
-type process struct {
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{}
-	err     error
-}
-
-func startProcess(bin, logPath string, args ...string) (*process, error) {
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	p := &process{cmd: exec.Command(bin, args...), logPath: logPath, done: make(chan struct{})}
-	p.cmd.Stdout, p.cmd.Stderr = logf, logf
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	go func() { p.err = p.cmd.Wait(); logf.Close(); close(p.done) }()
-	return p, nil
-}
-
-func (p *process) pid() int { return p.cmd.Process.Pid }
-
-func (p *process) running() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
-// exitErr is how the process ended (valid once it has).
-func (p *process) exitErr() error {
-	<-p.done
-	if p.err == nil {
-		return errors.New("exit status 0")
-	}
-	return fmt.Errorf("%w (log: %s)", p.err, p.logPath)
-}
-
-// sleep waits d, and fails early if the process exits or ctx ends.
-func (p *process) sleep(ctx context.Context, d time.Duration) error {
+// sleep waits d, and fails early if the agent exits or ctx ends.
+func sleep(ctx context.Context, agent *cluster.Proc, d time.Duration) error {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	select {
@@ -492,25 +365,14 @@ func (p *process) sleep(ctx context.Context, d time.Duration) error {
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-p.done:
-		return fmt.Errorf("agent exited: %v", p.exitErr())
+	case <-agent.Done():
+		return exited(agent)
 	}
 }
 
-// stop sends SIGTERM and waits up to grace before SIGKILL.
-func (p *process) stop(grace time.Duration) error {
-	if !p.running() {
-		return nil
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-		return nil
-	case <-time.After(grace):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		return fmt.Errorf("agent did not stop on SIGTERM within %s", grace)
-	}
+// exited is the error of an agent that stopped (see its log).
+func exited(agent *cluster.Proc) error {
+	return fmt.Errorf("agent exited: %v (log: %s)", agent.Err(), agent.LogPath)
 }
 
 // logReport logs one table line per phase and one PASS/MISS line per
