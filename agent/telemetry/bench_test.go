@@ -118,12 +118,26 @@ func BenchmarkSampleAndSign(b *testing.B) {
 // BenchmarkScrape is one scrape of the sampler's metrics (about 600
 // series for 8 fully partitioned H200s) through promhttp: it serves the
 // last sample and never reads the driver.
+// BenchmarkScrape: one scrape of the agent's endpoint (the agent's own
+// metrics, the Go and process collectors, and the sampler's ~460 series,
+// served from the exposition encoded at the last sample), as Prometheus
+// asks for it (gzip); /uncached gathers and encodes the sampler every time,
+// as a plain promhttp handler would.
 func BenchmarkScrape(b *testing.B) {
 	s, _ := benchSampler(b, true)
+	m := telemetry.New()
+	if err := m.RegisterSampler(s); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("agent", func(b *testing.B) { benchHandler(b, m.Handler()) })
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(s)
-	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	b.Run("uncached", func(b *testing.B) { benchHandler(b, promhttp.HandlerFor(reg, promhttp.HandlerOpts{})) })
+}
+
+func benchHandler(b *testing.B, h http.Handler) {
 	req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
+	req.Header.Set("Accept-Encoding", "gzip")
 	b.ReportAllocs()
 	var size int
 	for b.Loop() {

@@ -1,10 +1,12 @@
 package telemetry_test
 
 import (
+	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -13,6 +15,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/gpuaas/gpuaas/agent/gpu"
 	"github.com/gpuaas/gpuaas/agent/gpu/sim"
@@ -623,5 +628,107 @@ func TestXIDOfAVanishedMIGDeviceGoesToItsGPU(t *testing.T) {
 	}
 	if got := sampleOf(t, p, g.UUID).GetXids(); !slices.Equal(got, []uint64{31}) {
 		t.Errorf("GPU xids %v, want [31]", got)
+	}
+}
+
+// TestScrapeServesTheLastSampleWholeInBothEncodings: the endpoint's body
+// parses as one exposition (plain, and gzip made of two members), with the
+// agent's own families and the sampler's; a new sample replaces the
+// sampler's part on the next scrape.
+func TestScrapeServesTheLastSampleWholeInBothEncodings(t *testing.T) {
+	h := newHost(t, 1, 2)
+	var l leases
+	m := h.migs[h.gpus[0].UUID][0]
+	l.set(m.UUID, "l-first", "tenant-a")
+	r := start(t, h, &l, true)
+	r.sample(t)
+	srv := httptest.NewServer(r.metrics.Handler())
+	defer srv.Close()
+	get := func(gz bool) map[string]*dto.MetricFamily {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, srv.URL, nil)
+		tr := &http.Transport{DisableCompression: true}
+		if gz {
+			req.Header.Set("Accept-Encoding", "gzip")
+		}
+		resp, err := (&http.Client{Transport: tr}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var body io.Reader = resp.Body
+		if gz {
+			if resp.Header.Get("Content-Encoding") != "gzip" {
+				t.Fatal("asked for gzip, got none")
+			}
+			zr, err := gzip.NewReader(resp.Body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body = zr
+		}
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		fams, err := p.TextToMetricFamilies(body)
+		if err != nil {
+			t.Fatalf("the scrape does not parse as one exposition (gzip %v): %v", gz, err)
+		}
+		return fams
+	}
+	leaseOf := func(fams map[string]*dto.MetricFamily) string {
+		for _, mt := range fams["DCGM_FI_PROF_GR_ENGINE_ACTIVE"].GetMetric() {
+			for _, lp := range mt.GetLabel() {
+				if lp.GetName() == "lease" && lp.GetValue() != "" {
+					return lp.GetValue()
+				}
+			}
+		}
+		return ""
+	}
+	for _, gz := range []bool{false, true} {
+		fams := get(gz)
+		if fams["gpuaas_agent_fence_denials_total"] == nil || fams["go_goroutines"] == nil || leaseOf(fams) != "l-first" {
+			t.Fatalf("gzip %v: families %d, lease %q", gz, len(fams), leaseOf(fams))
+		}
+	}
+	l.set(m.UUID, "l-second", "tenant-a")
+	r.sample(t)
+	if got := leaseOf(get(true)); got != "l-second" {
+		t.Fatalf("after a new sample the scrape shows lease %q", got)
+	}
+}
+
+// TestHandlerMadeBeforeTheSamplerServesIt: the agent mounts /metrics before
+// it starts its sampler; the sampler's series must still be served.
+func TestHandlerMadeBeforeTheSamplerServesIt(t *testing.T) {
+	h := newHost(t, 1, 1)
+	m := telemetry.New()
+	srv := httptest.NewServer(m.Handler())
+	defer srv.Close()
+	s, err := telemetry.NewSampler(telemetry.Options{Backend: h.sim, Node: "node-a", Interval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.RegisterSampler(s); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := srv.Client().Get(srv.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if strings.Contains(string(b), "DCGM_FI_DEV_FB_USED{") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no sampler series on a handler made before the sampler:\n%.2000s", b)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
