@@ -179,7 +179,14 @@ func TestRunningCluster(t *testing.T) {
 		if err != nil || !strings.Contains(string(out), longID) || !strings.Contains(string(out), "connected since") {
 			t.Fatalf("gpuaas-agent status: %v\n%s", err, out)
 		}
-		// Exit 1 with the control plane gone, 2 with the agent gone.
+		// The agent's health endpoints: live and ready while connected.
+		for _, path := range []string{"/healthz", "/readyz"} {
+			if code := httpStatus(ctx, t, c.MetricsAddr["node-a"], path); code != http.StatusOK {
+				t.Errorf("agent %s = %d while connected, want 200", path, code)
+			}
+		}
+		// Exit 1 with the control plane gone, 2 with the agent gone; the
+		// agent stays live but is no longer ready.
 		if err := c.StopControlPlane(false); err != nil {
 			t.Fatal(err)
 		}
@@ -190,6 +197,12 @@ func TestRunningCluster(t *testing.T) {
 			}
 			return fmt.Errorf("status: %v", err)
 		})
+		if code := httpStatus(ctx, t, c.MetricsAddr["node-a"], "/readyz"); code != http.StatusServiceUnavailable {
+			t.Errorf("agent /readyz = %d without the control plane, want 503", code)
+		}
+		if code := httpStatus(ctx, t, c.MetricsAddr["node-a"], "/healthz"); code != http.StatusOK {
+			t.Errorf("agent /healthz = %d without the control plane, want 200 (it still enforces its leases)", code)
+		}
 		if err := c.StartControlPlane(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -288,4 +301,19 @@ gpuaas_agent_things counter metrics should have "_total" suffix
 	if p := promtoolProblems([]byte("\n")); len(p) != 0 {
 		t.Fatalf("empty output: %q", p)
 	}
+}
+
+// httpStatus GETs http://addr/path and returns the status code.
+func httpStatus(ctx context.Context, t *testing.T, addr, path string) int {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }

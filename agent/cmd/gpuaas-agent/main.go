@@ -512,6 +512,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	metrics := telemetry.New()
 	var fencerP atomic.Pointer[isolation.Enforcer] // set below; /fences reads it
+	var clientP atomic.Pointer[session.Client]     // set below; /readyz reads it
 	if cfg.MetricsListen != "" {
 		lis, err := net.Listen("tcp", cfg.MetricsListen)
 		if err != nil {
@@ -519,6 +520,27 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", metrics.Handler())
+		// /healthz: the agent's journal (every decision goes through it)
+		// answers. /readyz: and the agent is connected to the control
+		// plane; an agent that is not ready still enforces its leases.
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+			if _, _, err := j.Desired(); err != nil {
+				http.Error(w, "journal unavailable", http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		})
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+			if _, _, err := j.Desired(); err != nil {
+				http.Error(w, "journal unavailable", http.StatusServiceUnavailable)
+				return
+			}
+			if c := clientP.Load(); c == nil || !c.Status().Connected {
+				http.Error(w, "not connected to the control plane", http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		})
 		// /fences: per lease, the programs (ids, tags) the kernel has
 		// attached and the policy they enforce, read back and verified
 		// against the policy, for reviewers and the attestation report.
@@ -655,6 +677,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			return inv, err
 		},
 	})
+	clientP.Store(client)
 	if cfg.StatusSocket != "none" {
 		// Operators' view of this agent; a failure to serve it is logged,
 		// never fatal (it changes nothing the agent enforces).
