@@ -22,9 +22,12 @@ import (
 	"github.com/gpuaas/gpuaas/agent/gpu"
 	"github.com/gpuaas/gpuaas/agent/isolation"
 	"github.com/gpuaas/gpuaas/agent/partition"
+	"google.golang.org/protobuf/proto"
+
 	"github.com/gpuaas/gpuaas/agent/runtime"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/mig"
+	"github.com/gpuaas/gpuaas/pkg/seal"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 )
@@ -58,7 +61,14 @@ type Options struct {
 	// health tracker's verdict); an ineligible GPU fails the lease rather
 	// than placing a tenant on failing hardware.
 	Eligible func(gpuUUID string) bool
+	// Sealer, if set, seals env values before they are journaled
+	// (pkg/seal) and opens them only to create the container.
+	Sealer *seal.Keyring
 }
+
+// errSecretUnavailable: a journaled env value cannot be opened (its key
+// left the agent's keyring); the lease fails rather than run without it.
+var errSecretUnavailable = errors.New("secret env value unavailable")
 
 // ErrGPUUnhealthy: the GPU the lease was placed on is unhealthy.
 var ErrGPUUnhealthy = errors.New("gpu unhealthy")
@@ -129,7 +139,11 @@ func signal(c chan struct{}) {
 
 // SetDesired journals a new desired set and starts converging to it.
 func (e *Executor) SetDesired(ds *agentv1.DesiredState) error {
-	changed, err := e.o.Journal.SetDesired(ds.GetGeneration(), ds.GetLeases())
+	leases, err := e.sealEnv(ds.GetLeases())
+	if err != nil {
+		return err
+	}
+	changed, err := e.o.Journal.SetDesired(ds.GetGeneration(), leases)
 	if err != nil {
 		return fmt.Errorf("journal desired state: %w", err)
 	}
@@ -137,6 +151,38 @@ func (e *Executor) SetDesired(ds *agentv1.DesiredState) error {
 		signal(e.kick)
 	}
 	return nil
+}
+
+// envAAD binds a sealed env value to its lease and variable.
+func envAAD(lease, name string) string { return "lease/" + lease + "/env/" + name }
+
+// sealEnv returns leases with their env values sealed (copies; the
+// originals are not changed), for the journal.
+func (e *Executor) sealEnv(leases []*leasev1.Lease) ([]*leasev1.Lease, error) {
+	if e.o.Sealer == nil {
+		return leases, nil
+	}
+	out := make([]*leasev1.Lease, 0, len(leases))
+	for _, l := range leases {
+		if len(l.GetSpec().GetWorkload().GetEnv()) == 0 {
+			out = append(out, l)
+			continue
+		}
+		c := proto.Clone(l).(*leasev1.Lease)
+		env := c.GetSpec().GetWorkload().GetEnv()
+		for k, v := range env {
+			if seal.IsSealed(v) {
+				continue
+			}
+			sv, err := e.o.Sealer.Seal(v, envAAD(c.GetId(), k))
+			if err != nil {
+				return nil, fmt.Errorf("seal env of lease %s: %w", c.GetId(), err)
+			}
+			env[k] = sv
+		}
+		out = append(out, c)
+	}
+	return out, nil
 }
 
 // Acked tells the executor the control plane recorded report seq.
@@ -314,7 +360,7 @@ func (e *Executor) converge(ctx context.Context, id string) error {
 
 // failure classes that no retry will fix.
 func permanent(err error) bool {
-	return errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) || errors.Is(err, ErrGPUUnhealthy) ||
+	return errors.Is(err, errSecretUnavailable) || errors.Is(err, gpu.ErrInsufficientResources) || errors.Is(err, gpu.ErrInvalidArgument) || errors.Is(err, gpu.ErrNotFound) || errors.Is(err, ErrGPUUnhealthy) ||
 		errors.Is(err, gpu.ErrNotSupported) || errors.Is(err, runtime.ErrImageNotFound) || errors.Is(err, runtime.ErrInvalidSpec) || errors.Is(err, runtime.ErrImagePolicy) || errors.Is(err, errImageUnavailable) ||
 		errors.Is(err, isolation.ErrUnsupported) || errors.Is(err, isolation.ErrAttach) || errors.Is(err, isolation.ErrInvalidPolicy) || errors.Is(err, errNoCgroup) ||
 		errors.Is(err, runtime.ErrNetworkUnavailable)
@@ -362,6 +408,16 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 		w := l.GetSpec().GetWorkload()
 		env := make([]string, 0, len(w.GetEnv()))
 		for k, v := range w.GetEnv() {
+			if seal.IsSealed(v) {
+				if e.o.Sealer == nil {
+					return e.fail(ctx, r, fmt.Errorf("%w: %s is sealed and the agent has no secrets key", errSecretUnavailable, k), "env")
+				}
+				pv, err := e.o.Sealer.Open(v, envAAD(l.GetId(), k))
+				if err != nil {
+					return e.fail(ctx, r, fmt.Errorf("%w: %s: %v", errSecretUnavailable, k, err), "env")
+				}
+				v = pv
+			}
 			env = append(env, k+"="+v)
 		}
 		sort.Strings(env)

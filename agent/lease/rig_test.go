@@ -233,9 +233,13 @@ type running struct {
 
 // start runs a new executor on the rig's journal, GPU and runtime until
 // stop (or the test's end).
-func (r *rig) start() *running {
+func (r *rig) start(mods ...func(*Options)) *running {
 	r.t.Helper()
-	ex := &running{Executor: New(r.options()), done: make(chan error, 1)}
+	o := r.options()
+	for _, m := range mods {
+		m(&o)
+	}
+	ex := &running{Executor: New(o), done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	ex.cancel = cancel
 	go func() { ex.done <- ex.Run(ctx) }()

@@ -29,6 +29,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/authn"
 	"github.com/gpuaas/gpuaas/pkg/errs"
+	"github.com/gpuaas/gpuaas/pkg/seal"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 )
@@ -59,16 +60,21 @@ type Options struct {
 	Fleet  Fleet
 	Logger *slog.Logger
 	Now    func() time.Time
+	// Sealer, if set, seals env values at rest (pkg/seal): in the lease
+	// records and, as keyed digests, in the idempotency records. They are
+	// opened only for the agent that runs the lease (DesiredState).
+	Sealer *seal.Keyring
 }
 
 // Service implements the lease lifecycle.
 type Service struct {
-	st    store.Store
-	fleet Fleet
-	log   *slog.Logger
-	now   func() time.Time
-	watch *broadcaster
-	held  heldCache
+	sealer *seal.Keyring
+	st     store.Store
+	fleet  Fleet
+	log    *slog.Logger
+	now    func() time.Time
+	watch  *broadcaster
+	held   heldCache
 }
 
 // New returns the service.
@@ -79,7 +85,7 @@ func New(opts Options) *Service {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Service{st: opts.Store, fleet: opts.Fleet, log: opts.Logger, now: opts.Now, watch: newBroadcaster()}
+	return &Service{st: opts.Store, fleet: opts.Fleet, log: opts.Logger, now: opts.Now, watch: newBroadcaster(), sealer: opts.Sealer}
 }
 
 // SetFleet wires the fleet after construction (the fleet needs the service
@@ -99,10 +105,69 @@ func newLeaseID() string {
 	return "l-" + strings.ToLower(base32NoPad.EncodeToString(b[:]))[:20]
 }
 
-func bodyHash(spec *leasev1.LeaseSpec) string {
+// bodyHash identifies a request body for its idempotency key: SHA-256 of
+// the deterministic encoding, or with a sealer a keyed digest, so that the
+// record keeps no plain hash of env values.
+func (s *Service) bodyHash(spec *leasev1.LeaseSpec) string {
 	b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(spec)
+	if s.sealer != nil {
+		return "k:" + hex.EncodeToString(s.sealer.Digest(b))
+	}
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:])
+}
+
+// envAAD binds a sealed env value to its lease and variable.
+func envAAD(lease, name string) string { return "lease/" + lease + "/env/" + name }
+
+// sealEnv seals l's env values in place (with a sealer).
+func (s *Service) sealEnv(l *leasev1.Lease) error {
+	env := l.GetSpec().GetWorkload().GetEnv()
+	if s.sealer == nil || len(env) == 0 {
+		return nil
+	}
+	for k, v := range env {
+		if seal.IsSealed(v) {
+			continue
+		}
+		sv, err := s.sealer.Seal(v, envAAD(l.GetId(), k))
+		if err != nil {
+			return fmt.Errorf("seal env of lease %s: %w", l.GetId(), err)
+		}
+		env[k] = sv
+	}
+	return nil
+}
+
+// openEnv returns l with its env values opened (a copy if any was sealed),
+// for the agent that runs it. A value that cannot be opened (its key left
+// the keyring) is an error: the lease is not handed out with a wrong
+// environment.
+func (s *Service) openEnv(l *leasev1.Lease) (*leasev1.Lease, error) {
+	env := l.GetSpec().GetWorkload().GetEnv()
+	sealed := false
+	for _, v := range env {
+		sealed = sealed || seal.IsSealed(v)
+	}
+	if !sealed {
+		return l, nil
+	}
+	if s.sealer == nil {
+		return nil, fmt.Errorf("lease %s has sealed env values and no secrets key is configured", l.GetId())
+	}
+	out := proto.Clone(l).(*leasev1.Lease)
+	oenv := out.GetSpec().GetWorkload().GetEnv()
+	for k, v := range oenv {
+		if !seal.IsSealed(v) {
+			continue
+		}
+		pv, err := s.sealer.Open(v, envAAD(l.GetId(), k))
+		if err != nil {
+			return nil, fmt.Errorf("open env %s of lease %s: %w", k, l.GetId(), err)
+		}
+		oenv[k] = pv
+	}
+	return out, nil
 }
 
 func getLease(tx store.Tx, id string) (*leasev1.Lease, error) {
@@ -210,7 +275,7 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		return nil, errs.PermissionDenied("TENANT_MISMATCH", "caller may not create leases for tenant %s", spec.GetTenant())
 	}
 	idemKey := c.ID + "\x00" + req.GetIdempotencyKey()
-	hash := bodyHash(spec)
+	hash := s.bodyHash(spec)
 	nodes := s.nodes()
 
 	// No lock around placement: the store's transactions are serializable
@@ -238,8 +303,11 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		}
 		now := s.now()
 		l := &leasev1.Lease{
-			Id: newLeaseID(), Spec: spec, CreateTime: timestamppb.New(now),
+			Id: newLeaseID(), Spec: proto.Clone(spec).(*leasev1.LeaseSpec), CreateTime: timestamppb.New(now),
 			NotAfter: timestamppb.New(now.Add(spec.GetDuration().AsDuration())), CreatedBy: c.ID,
+		}
+		if err := s.sealEnv(l); err != nil {
+			return err
 		}
 		if err := setPhase(l, leasev1.Phase_PHASE_PENDING, "accepted", now); err != nil {
 			return err
@@ -481,7 +549,11 @@ func (s *Service) DesiredState(ctx context.Context, node string) (*agentv1.Desir
 		live, err := liveOn(tx, node)
 		for _, l := range live {
 			if ShouldRun(l.GetPhase()) {
-				ds.Leases = append(ds.Leases, l)
+				ol, oerr := s.openEnv(l)
+				if oerr != nil {
+					return oerr
+				}
+				ds.Leases = append(ds.Leases, ol)
 			}
 		}
 		sort.Slice(ds.Leases, func(i, j int) bool { return ds.Leases[i].GetId() < ds.Leases[j].GetId() })

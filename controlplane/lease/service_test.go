@@ -166,6 +166,7 @@ func testCreateRejectsBadInputAndChangesNothing(t *testing.T) {
 		}, "spec.workload.env"},
 		{"bad env name", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.Env["1BAD"] = "x" }, "spec.workload.env"},
 		{"reserved env", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.Env["NVIDIA_VISIBLE_DEVICES"] = "all" }, "spec.workload.env"},
+		{"sealed-looking env value", func(r *leasev1.CreateLeaseRequest) { r.Spec.Workload.Env["TOKEN"] = "sealed:v1:k1:AAAA" }, "spec.workload.env"},
 		{"bad tenant", func(r *leasev1.CreateLeaseRequest) { r.Spec.Tenant = "Acme Corp" }, "spec.tenant"},
 		{"no key", func(r *leasev1.CreateLeaseRequest) { r.IdempotencyKey = "" }, "idempotency_key"},
 		{"long key", func(r *leasev1.CreateLeaseRequest) { r.IdempotencyKey = strings.Repeat("k", 129) }, "idempotency_key"},

@@ -11,6 +11,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/mig"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
+	"github.com/gpuaas/gpuaas/pkg/seal"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 )
 
@@ -162,6 +163,10 @@ func validateWorkload(w *leasev1.Workload) error {
 		if len(v) > MaxEnvValue || strings.ContainsRune(v, 0) {
 			// The value is secret: name the key, never the value.
 			return errs.InvalidArgument("spec.workload.env", "value of %s: at most %d bytes, no NUL", k, MaxEnvValue)
+		}
+		if seal.IsSealed(v) {
+			// A value that looks sealed would be taken for one at rest.
+			return errs.InvalidArgument("spec.workload.env", "value of %s may not start with %q", k, seal.Prefix)
 		}
 		total += len(k) + len(v)
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/identity"
+	"github.com/gpuaas/gpuaas/pkg/seal"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 	"github.com/gpuaas/gpuaas/test/harness"
@@ -200,6 +201,17 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if err := c.writePolicy(); err != nil {
 		return nil, err
 	}
+	// Secrets at rest: one sealing key for the control plane, one per
+	// agent.
+	for _, name := range append([]string{"controlplane"}, nodes...) {
+		line, err := seal.GenerateKeyLine("k1")
+		if err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(c.SecretsKey(name), []byte(line+"\n"), 0o600); err != nil {
+			return nil, err
+		}
+	}
 	if c.CPMetricsAddr, err = freeAddr(); err != nil {
 		return nil, err
 	}
@@ -272,6 +284,12 @@ func (c *Cluster) start(name, bin, cfg string, cfgBody string) (*Proc, error) {
 	return p, nil
 }
 
+// SecretsKey is the sealing key file of the control plane ("controlplane")
+// or of a node's agent.
+func (c *Cluster) SecretsKey(name string) string {
+	return filepath.Join(c.Dir, "pki", "secrets-"+name+".key")
+}
+
 // PolicyPath is the control plane's attestation policy file.
 func (c *Cluster) PolicyPath() string { return filepath.Join(c.Dir, "attestation-policy.json") }
 
@@ -320,10 +338,12 @@ audit:
 attestation:
   policy_file: %q
   interval: 10s
+secrets:
+  key_file: %q
 metrics_listen: %q
 log:
   level: %s
-`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.AuditKey, c.PolicyPath(), c.CPMetricsAddr, c.opts.LogLevel)
+`, c.CPAddr, c.CPDataDir(), TrustDomain, c.svidYAML(c.PKI.ControlPlane), c.AuditKey, c.PolicyPath(), c.SecretsKey("controlplane"), c.CPMetricsAddr, c.opts.LogLevel)
 	p, err := c.start("controlplane", "gpuaas-controlplane", filepath.Join(c.Dir, "controlplane.yaml"), cfg)
 	if err != nil {
 		return err
@@ -399,6 +419,8 @@ metrics_listen: %q
 status_socket: %q
 telemetry:
   interval: %s
+secrets:
+  key_file: %q
 network:
   bridge: %s
   subnet: %s
@@ -407,7 +429,7 @@ network:
 %slog:
   level: %s
 `, node, c.CPAddr, TrustDomain, c.svidYAML(c.PKI.Agents[node]), c.AgentDataDir(node), c.Containerd.Address(), c.Namespace, filepath.Join(c.AgentDataDir(node), "cdi"),
-		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.StatusSocket(node), c.opts.TelemetryInterval,
+		gpus.String(), filepath.Join(c.Dir, "image.tar"), c.opts.StopGrace, c.PinRoot(node), c.MetricsAddr[node], c.StatusSocket(node), c.opts.TelemetryInterval, c.SecretsKey(node),
 		n.Bridge, n.Subnet, n.PluginDir, n.RunDir, logs, c.opts.LogLevel)
 	if c.opts.AgentConfig != nil {
 		cfg += c.opts.AgentConfig(node)

@@ -443,6 +443,20 @@ func TestLeaseEndToEnd(t *testing.T) {
 			t.Errorf("secret env value in %s", f)
 		}
 	}
+	// Sealed at rest: neither the control plane's state nor the agent's
+	// journal holds the value in plain text.
+	for _, f := range []string{filepath.Join(c.CPDataDir(), "state.db"), filepath.Join(c.AgentDataDir("node-a"), "journal.db")} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(b), "tok-secret-123") {
+			t.Errorf("secret env value in plain text in %s", f)
+		}
+		if !strings.Contains(string(b), "sealed:v1:") {
+			t.Errorf("no sealed value in %s", f)
+		}
+	}
 }
 
 func waitUntil(t *testing.T, timeout time.Duration, f func() error) {

@@ -45,6 +45,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/mig"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
 	"github.com/gpuaas/gpuaas/pkg/sdnotify"
+	"github.com/gpuaas/gpuaas/pkg/seal"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -148,6 +149,12 @@ type Config struct {
 	Telemetry struct {
 		Interval config.Duration `yaml:"interval"`
 	} `yaml:"telemetry"`
+	// Secrets seals tenant env values in the journal with the keys in
+	// key_file (pkg/seal; `gpuaasctl secrets keygen`); without it they are
+	// journaled in plain text, protected by file permissions only.
+	Secrets struct {
+		KeyFile string `yaml:"key_file"`
+	} `yaml:"secrets"`
 	// Attestation: the TPM to quote (default: /dev/tpmrm0 when present;
 	// "none": never) and the PCRs (default 0-7).
 	Attestation struct {
@@ -161,6 +168,7 @@ type Config struct {
 	td        spiffeid.TrustDomain
 	level     slog.Level
 	path      string // the file it was loaded from, hashed into attestation reports
+	sealer    *seal.Keyring
 	migParted *mig.MigPartedConfig
 }
 
@@ -174,6 +182,16 @@ func (c *Config) Validate() error {
 	}
 	if c.Telemetry.Interval.D() < time.Second || c.Telemetry.Interval.D() > 10*time.Minute {
 		return config.FieldError("telemetry.interval", "must be between 1s and 10m")
+	}
+	if k := c.Secrets.KeyFile; k != "" {
+		if !filepath.IsAbs(k) {
+			return config.FieldError("secrets.key_file", "must be an absolute path")
+		}
+		ring, err := seal.LoadKeyring(k)
+		if err != nil {
+			return config.FieldError("secrets.key_file", "%v", err)
+		}
+		c.sealer = ring
 	}
 	if d := c.Attestation.TPMDevice; d != "" && d != "none" && !filepath.IsAbs(d) {
 		return config.FieldError("attestation.tpm_device", "must be an absolute path or \"none\"")
@@ -606,7 +624,10 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		}
 		return false, ""
 	}
-	opts := lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log,
+	if cfg.sealer == nil {
+		log.Warn("secrets.key_file is not set: tenant env values are journaled in plain text, protected by file permissions only")
+	}
+	opts := lease.Options{Journal: j, GPU: backend, Runtime: rt, LogDir: logDir, StopGrace: cfg.StopGrace.D(), Logger: log, Sealer: cfg.sealer,
 		Eligible: func(uuid string) bool { bad, _ := unhealthy(uuid); return !bad }}
 	if !cfg.Isolation.Disabled {
 		enf, err := isolation.NewEnforcer(isolation.Config{PinRoot: cfg.Isolation.PinRoot, Logger: log})

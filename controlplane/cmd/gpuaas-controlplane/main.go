@@ -31,6 +31,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
 	"github.com/gpuaas/gpuaas/pkg/sdnotify"
+	"github.com/gpuaas/gpuaas/pkg/seal"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -68,6 +69,10 @@ type Config struct {
 	Tracing api.TracingConfig `yaml:"tracing"`
 	// Attestation decides which nodes may take leases.
 	Attestation AttestationConfig `yaml:"attestation"`
+	// Secrets seals tenant env values at rest with the keys in key_file
+	// (pkg/seal; `gpuaasctl secrets keygen`); without it they are stored
+	// in plain text, protected by file permissions only (a warning).
+	Secrets SecretsConfig `yaml:"secrets"`
 
 	td        spiffeid.TrustDomain
 	operators []spiffeid.ID
@@ -134,7 +139,32 @@ func (c *Config) Validate() error {
 	if err := c.Attestation.validate(); err != nil {
 		return err
 	}
+	if err := c.Secrets.validate(); err != nil {
+		return err
+	}
 	return c.Audit.validate(td)
+}
+
+// SecretsConfig is the key file sealing secrets at rest.
+type SecretsConfig struct {
+	KeyFile string `yaml:"key_file"`
+
+	ring *seal.Keyring
+}
+
+func (s *SecretsConfig) validate() error {
+	if s.KeyFile == "" {
+		return nil
+	}
+	if !filepath.IsAbs(s.KeyFile) {
+		return config.FieldError("secrets.key_file", "must be an absolute path")
+	}
+	ring, err := seal.LoadKeyring(s.KeyFile)
+	if err != nil {
+		return config.FieldError("secrets.key_file", "%v", err)
+	}
+	s.ring = ring
+	return nil
 }
 
 // AttestationConfig is node attestation: the policy every node's reports
@@ -320,7 +350,10 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer src.Close()
 
-	leases := lease.New(lease.Options{Store: st, Logger: log})
+	if cfg.Secrets.ring == nil {
+		log.Warn("secrets.key_file is not set: tenant env values are stored in plain text, protected by file permissions only")
+	}
+	leases := lease.New(lease.Options{Store: st, Logger: log, Sealer: cfg.Secrets.ring})
 	fl := fleet.NewRegistry(st, fleet.Options{Logger: log, Leases: leases, Liveness: cfg.Liveness.fleet()})
 	leases.SetFleet(fl)
 	reg.MustRegister(metrics.NewStateCollector(st, func() int { return len(fl.ConnectedNodes()) }))

@@ -84,7 +84,7 @@ func newRoot(g *globals) *cobra.Command {
 	pf.StringVar(&g.tokenFile, "token-file", os.Getenv("GPUAAS_TOKEN_FILE"), "file holding an OIDC bearer token to authenticate with instead of (or besides) an SVID (GPUAAS_TOKEN_FILE); never pass a token on the command line")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&g.timeout, "timeout", 15*time.Second, "timeout of each call")
-	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g), attestCmd(g), usageCmd(g))
+	root.AddCommand(devPKICmd(g), leaseCmd(g), nodeCmd(g), auditCmd(g), attestCmd(g), usageCmd(g), secretsCmd(g))
 	return root
 }
 
