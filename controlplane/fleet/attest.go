@@ -368,6 +368,9 @@ func placementChecks(node string, r *attestation.Report, live []*leasev1.Lease) 
 		}
 		p := l.GetPlacement()
 		want := fmt.Sprintf("gpu %s profile %d at %d", p.GetGpuUuid(), p.GetProfileId(), p.GetStart())
+		if p.GetMigProfile() == "" && p.GetSize() == 0 {
+			want = "gpu " + p.GetGpuUuid() + " (whole gpu)"
+		}
 		got := "gpu " + le.GPUUUID
 		if le.MIGUUID == "" {
 			got += " (whole gpu)"
