@@ -19,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -624,4 +625,31 @@ func (c *Cluster) Close() error {
 		errs = append(errs, os.RemoveAll(c.Dir))
 	}
 	return errors.Join(errs...)
+}
+
+// StartT is Start for a test: the test fails at once if the cluster cannot
+// start; at its end the daemons' logs are printed if it failed, and the
+// cluster is closed.
+func StartT(t testing.TB, ctx context.Context, opts Options) *Cluster {
+	t.Helper()
+	c, err := Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			logs := []string{"controlplane.log"}
+			for n := range opts.Agents {
+				logs = append(logs, "agent-"+n+".log")
+			}
+			for _, f := range logs {
+				b, _ := os.ReadFile(filepath.Join(c.Dir, f))
+				t.Logf("%s:\n%s", f, b)
+			}
+		}
+		if err := c.Close(); err != nil {
+			t.Errorf("close cluster: %v", err)
+		}
+	})
+	return c
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -27,21 +26,7 @@ func startAttestCluster(t *testing.T, ctx context.Context, policy func(*attestat
 	t.Helper()
 	harness.RequireRoot(t, harness.ContainerdComponents...)
 	bin := buildBinaries(t)
-	c, err := cluster.Start(ctx, cluster.Options{BinDir: bin, Agents: map[string][]string{"node-a": {"H200"}}, StopGrace: time.Second, Policy: policy})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, f := range []string{"controlplane.log", "agent-node-a.log"} {
-				b, _ := os.ReadFile(filepath.Join(c.Dir, f))
-				t.Logf("%s:\n%s", f, b)
-			}
-		}
-		if err := c.Close(); err != nil {
-			t.Errorf("close cluster: %v", err)
-		}
-	})
+	c := cluster.StartT(t, ctx, cluster.Options{BinDir: bin, Agents: map[string][]string{"node-a": {"H200"}}, StopGrace: time.Second, Policy: policy})
 	return c
 }
 

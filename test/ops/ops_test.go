@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -68,21 +67,7 @@ func TestRunningCluster(t *testing.T) {
 	bin := binDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	c, err := cluster.Start(ctx, cluster.Options{BinDir: bin, Agents: map[string][]string{"node-a": {"H200"}}, StopGrace: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, f := range []string{"controlplane.log", "agent-node-a.log"} {
-				b, _ := os.ReadFile(filepath.Join(c.Dir, f))
-				t.Logf("%s:\n%s", f, b)
-			}
-		}
-		if err := c.Close(); err != nil {
-			t.Errorf("close cluster: %v", err)
-		}
-	})
+	c := cluster.StartT(t, ctx, cluster.Options{BinDir: bin, Agents: map[string][]string{"node-a": {"H200"}}, StopGrace: time.Second})
 	lc, err := c.Leases(ctx)
 	if err != nil {
 		t.Fatal(err)
