@@ -25,6 +25,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	auditv1 "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
@@ -75,6 +76,7 @@ func startServerWith(t testing.TB, logs *LogRelay, configure ...func(*AgentServe
 	agentv1.RegisterAgentServiceServer(srv, as)
 	gate := &failableStore{Store: st}
 	leasev1.RegisterLeaseServiceServer(srv, &LeaseServer{Leases: leases, Store: gate, Logs: logs, Log: log})
+	auditv1.RegisterAuditLogServiceServer(srv, &AuditLogServer{Store: st})
 	nodev1.RegisterNodeServiceServer(srv, &NodeServer{Fleet: reg, Leases: leases})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

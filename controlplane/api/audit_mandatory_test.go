@@ -54,6 +54,8 @@ type auditCall struct {
 	// nodeCall, for a NodeService RPC, is made instead of call, on a
 	// control plane that knows node-a.
 	nodeCall func(ctx context.Context, nc nodev1.NodeServiceClient) error
+	// auditCall, for an AuditLogService RPC, is made instead of call.
+	auditCall func(ctx context.Context, ac auditv1.AuditLogServiceClient) error
 }
 
 func createdLease(ctx context.Context, t *testing.T, lc leasev1.LeaseServiceClient) string {
@@ -103,6 +105,19 @@ var auditCalls = map[string]auditCall{
 	nodev1.NodeService_DrainNode_FullMethodName: {
 		nodeCall: func(ctx context.Context, nc nodev1.NodeServiceClient) error {
 			_, err := nc.DrainNode(ctx, &nodev1.DrainNodeRequest{Id: "node-a", Reason: "guard", Deadline: durationpb.New(time.Hour)})
+			return err
+		},
+	},
+	auditv1.AuditLogService_ListAuditEntries_FullMethodName: {
+		auditCall: func(ctx context.Context, ac auditv1.AuditLogServiceClient) error {
+			_, err := ac.ListAuditEntries(ctx, &auditv1.ListAuditEntriesRequest{})
+			return err
+		},
+	},
+	auditv1.AuditLogService_GetInclusionProof_FullMethodName: {
+		setup: createdLease,
+		auditCall: func(ctx context.Context, ac auditv1.AuditLogServiceClient) error {
+			_, err := ac.GetInclusionProof(ctx, &auditv1.GetInclusionProofRequest{Seq: 1})
 			return err
 		},
 	},
@@ -182,6 +197,8 @@ func checkOneEntry(t *testing.T, m string, c auditCall) error {
 	var callErr error
 	if c.nodeCall != nil {
 		callErr = c.nodeCall(cctx, nodev1.NewNodeServiceClient(conn))
+	} else if c.auditCall != nil {
+		callErr = c.auditCall(cctx, auditv1.NewAuditLogServiceClient(conn))
 	} else {
 		callErr = c.call(cctx, lc, id)
 	}

@@ -62,21 +62,23 @@ type Access struct {
 // is the same table for humans; TestScopeTableMatchesDocs keeps them equal
 // and test/guard checks every RPC of the protos is here.
 var methodRoles = map[string]Access{
-	"/gpuaas.agent.v1.AgentService/Session":            {Role: RoleAgent, SelfAudited: true},
-	"/gpuaas.lease.v1.LeaseService/CreateLease":        {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
-	"/gpuaas.lease.v1.LeaseService/GetLease":           {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
-	"/gpuaas.lease.v1.LeaseService/ListLeases":         {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
-	"/gpuaas.lease.v1.LeaseService/CancelLease":        {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
-	"/gpuaas.lease.v1.LeaseService/ExtendLease":        {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
-	"/gpuaas.lease.v1.LeaseService/WatchLeases":        {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
-	"/gpuaas.lease.v1.LeaseService/GetLeaseLogs":       {Role: RoleOperator, Scope: authn.ScopeLeaseRead, SelfAudited: true},
-	"/gpuaas.node.v1.NodeService/ListNodes":            {Role: RoleOperator, Scope: authn.ScopeNodeRead},
-	"/gpuaas.node.v1.NodeService/GetNode":              {Role: RoleOperator, Scope: authn.ScopeNodeRead},
-	"/gpuaas.node.v1.NodeService/CordonNode":           {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
-	"/gpuaas.node.v1.NodeService/UncordonNode":         {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
-	"/gpuaas.node.v1.NodeService/DrainNode":            {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
-	"/gpuaas.node.v1.NodeService/GetNodeAttestation":   {Role: RoleOperator, Scope: authn.ScopeAttestRead},
-	"/gpuaas.node.v1.NodeService/ListNodeAttestations": {Role: RoleOperator, Scope: authn.ScopeAttestRead},
+	"/gpuaas.agent.v1.AgentService/Session":              {Role: RoleAgent, SelfAudited: true},
+	"/gpuaas.lease.v1.LeaseService/CreateLease":          {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
+	"/gpuaas.lease.v1.LeaseService/GetLease":             {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
+	"/gpuaas.lease.v1.LeaseService/ListLeases":           {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
+	"/gpuaas.lease.v1.LeaseService/CancelLease":          {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
+	"/gpuaas.lease.v1.LeaseService/ExtendLease":          {Role: RoleOperator, Scope: authn.ScopeLeaseWrite},
+	"/gpuaas.lease.v1.LeaseService/WatchLeases":          {Role: RoleOperator, Scope: authn.ScopeLeaseRead},
+	"/gpuaas.lease.v1.LeaseService/GetLeaseLogs":         {Role: RoleOperator, Scope: authn.ScopeLeaseRead, SelfAudited: true},
+	"/gpuaas.node.v1.NodeService/ListNodes":              {Role: RoleOperator, Scope: authn.ScopeNodeRead},
+	"/gpuaas.node.v1.NodeService/GetNode":                {Role: RoleOperator, Scope: authn.ScopeNodeRead},
+	"/gpuaas.node.v1.NodeService/CordonNode":             {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
+	"/gpuaas.node.v1.NodeService/UncordonNode":           {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
+	"/gpuaas.node.v1.NodeService/DrainNode":              {Role: RoleOperator, Scope: authn.ScopeNodeAdmin},
+	"/gpuaas.audit.v1.AuditLogService/ListAuditEntries":  {Role: RoleOperator, Scope: authn.ScopeAuditRead, SelfAudited: true},
+	"/gpuaas.audit.v1.AuditLogService/GetInclusionProof": {Role: RoleOperator, Scope: authn.ScopeAuditRead, SelfAudited: true},
+	"/gpuaas.node.v1.NodeService/GetNodeAttestation":     {Role: RoleOperator, Scope: authn.ScopeAttestRead},
+	"/gpuaas.node.v1.NodeService/ListNodeAttestations":   {Role: RoleOperator, Scope: authn.ScopeAttestRead},
 }
 
 // TokenVerifier authenticates bearer tokens; *authn.Verifier is one.

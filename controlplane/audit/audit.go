@@ -285,6 +285,8 @@ type Filter struct {
 	Actor, Action, Resource, Tenant, Outcome, RequestID string
 	Since, Until                                        time.Time
 	Limit                                               int
+	// After skips the entries up to this sequence number.
+	After uint64
 }
 
 func match(pattern, v string) bool {
@@ -308,7 +310,7 @@ func (f Filter) Matches(e auditlog.Entry) bool {
 // (0: all). It reads the whole log.
 func Search(ctx context.Context, s store.Store, f Filter) ([]auditlog.Entry, error) {
 	var out []auditlog.Entry
-	err := scanEntries(ctx, s, 1, 0, func(k string, raw []byte) error {
+	err := scanEntries(ctx, s, f.After+1, 0, func(k string, raw []byte) error {
 		e, err := auditlog.Decode(raw)
 		if err != nil {
 			return fmt.Errorf("audit entry %s: %w", k, err)

@@ -209,6 +209,11 @@ func TestDisallowedAgentFailsIsCordonedAndGetsNoLease(t *testing.T) {
 	if err != nil || got.GetLease().GetPhase() != leasev1.Phase_PHASE_PENDING || got.GetLease().GetPlacement() != nil {
 		t.Fatalf("lease on a failing node: %v %v", got.GetLease(), err)
 	}
+	// An auditor reads the failure online (AuditLogService, audit:read).
+	out, err := c.Ctl(ctx, "audit", "list", "--remote", "-o", "json")
+	if err != nil || !strings.Contains(out, `"node.attestation"`) || !strings.Contains(out, "agent_digest") {
+		t.Fatalf("audit list --remote: %v\n%.2000s", err, out)
+	}
 	// The failure and the cordon are in the audit log.
 	if err := c.StopControlPlane(false); err != nil {
 		t.Fatal(err)

@@ -33,6 +33,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/sdnotify"
 	"github.com/gpuaas/gpuaas/pkg/seal"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
+	auditv1 "github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
@@ -412,6 +413,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Bundle: src, RequireAgentSignatures: !cfg.Audit.AllowUnsignedAgentEvents, Attest: attest, Counts: counts})
 	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases, Store: st, Logs: logs, Log: log})
 	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: fl, Leases: leases, Attest: attest})
+	auditv1.RegisterAuditLogServiceServer(srv, &api.AuditLogServer{Store: st})
 
 	stopAudit, err := startAudit(ctx, cfg, st, src, reg, log)
 	if err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -138,11 +139,15 @@ func auditListCmd(g *globals) *cobra.Command {
 	var db string
 	var after uint64
 	var limit int
+	var remote bool
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "Print audit entries from a control plane state file (offline)",
+		Short: "Print audit entries from a control plane state file (offline), or with --remote from a running control plane",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if remote {
+				return g.remoteAuditList(cmd, after, limit)
+			}
 			return withDB(db, func(st store.Store) error {
 				es, err := audit.List(cmd.Context(), st, after, limit)
 				if err != nil {
@@ -155,7 +160,45 @@ func auditListCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&db, "db", defaultDB, "control plane state file")
 	cmd.Flags().Uint64Var(&after, "after", 0, "only entries after this sequence number")
 	cmd.Flags().IntVar(&limit, "limit", 0, "at most this many (0: all)")
+	cmd.Flags().BoolVar(&remote, "remote", false, "read through the control plane's AuditLogService (scope audit:read; each read is audited)")
 	return cmd
+}
+
+// remoteAuditList pages through AuditLogService.
+func (g *globals) remoteAuditList(cmd *cobra.Command, after uint64, limit int) error {
+	if err := g.checkOutput(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
+	defer cancel()
+	conn, closeConn, err := g.dial(ctx)
+	if err != nil {
+		return err
+	}
+	defer closeConn()
+	ac := auditv1.NewAuditLogServiceClient(conn)
+	var es []auditlog.Entry
+	for {
+		page := int32(1000)
+		if limit > 0 && limit-len(es) < 1000 {
+			page = int32(limit - len(es))
+		}
+		resp, err := ac.ListAuditEntries(ctx, &auditv1.ListAuditEntriesRequest{After: after, PageSize: page})
+		if err != nil {
+			return err
+		}
+		for _, raw := range resp.GetEntries() {
+			e, err := auditlog.Decode(raw)
+			if err != nil {
+				return fmt.Errorf("entry from the control plane: %w", err)
+			}
+			es = append(es, e)
+		}
+		after = resp.GetNextAfter()
+		if after == 0 || (limit > 0 && len(es) >= limit) {
+			return g.printEntries(es)
+		}
+	}
 }
 
 func auditTailCmd(g *globals) *cobra.Command {

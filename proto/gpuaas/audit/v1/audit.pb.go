@@ -21,6 +21,266 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// ListAuditEntriesRequest pages through the log, oldest first. Text filters
+// match exactly, or by prefix when they end in "*".
+type ListAuditEntriesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only entries after this sequence number.
+	After uint64 `protobuf:"varint,1,opt,name=after,proto3" json:"after,omitempty"`
+	// At most this many entries (default 100, at most 1000).
+	PageSize      int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	Actor         string `protobuf:"bytes,3,opt,name=actor,proto3" json:"actor,omitempty"`
+	Action        string `protobuf:"bytes,4,opt,name=action,proto3" json:"action,omitempty"`
+	Resource      string `protobuf:"bytes,5,opt,name=resource,proto3" json:"resource,omitempty"`
+	Tenant        string `protobuf:"bytes,6,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Outcome       string `protobuf:"bytes,7,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	RequestId     string `protobuf:"bytes,8,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditEntriesRequest) Reset() {
+	*x = ListAuditEntriesRequest{}
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditEntriesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditEntriesRequest) ProtoMessage() {}
+
+func (x *ListAuditEntriesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditEntriesRequest.ProtoReflect.Descriptor instead.
+func (*ListAuditEntriesRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ListAuditEntriesRequest) GetAfter() uint64 {
+	if x != nil {
+		return x.After
+	}
+	return 0
+}
+
+func (x *ListAuditEntriesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListAuditEntriesRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *ListAuditEntriesRequest) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *ListAuditEntriesRequest) GetResource() string {
+	if x != nil {
+		return x.Resource
+	}
+	return ""
+}
+
+func (x *ListAuditEntriesRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *ListAuditEntriesRequest) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *ListAuditEntriesRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// ListAuditEntriesResponse is one page.
+type ListAuditEntriesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The entries in their canonical encoding (the bytes the tree hashes).
+	Entries [][]byte `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// Pass as after for the next page; 0 when there is none.
+	NextAfter uint64 `protobuf:"varint,2,opt,name=next_after,json=nextAfter,proto3" json:"next_after,omitempty"`
+	// The log's size when the page was read.
+	TreeSize      uint64 `protobuf:"varint,3,opt,name=tree_size,json=treeSize,proto3" json:"tree_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditEntriesResponse) Reset() {
+	*x = ListAuditEntriesResponse{}
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditEntriesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditEntriesResponse) ProtoMessage() {}
+
+func (x *ListAuditEntriesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditEntriesResponse.ProtoReflect.Descriptor instead.
+func (*ListAuditEntriesResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ListAuditEntriesResponse) GetEntries() [][]byte {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *ListAuditEntriesResponse) GetNextAfter() uint64 {
+	if x != nil {
+		return x.NextAfter
+	}
+	return 0
+}
+
+func (x *ListAuditEntriesResponse) GetTreeSize() uint64 {
+	if x != nil {
+		return x.TreeSize
+	}
+	return 0
+}
+
+type GetInclusionProofRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The entry's sequence number (from 1).
+	Seq           uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetInclusionProofRequest) Reset() {
+	*x = GetInclusionProofRequest{}
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetInclusionProofRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetInclusionProofRequest) ProtoMessage() {}
+
+func (x *GetInclusionProofRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetInclusionProofRequest.ProtoReflect.Descriptor instead.
+func (*GetInclusionProofRequest) Descriptor() ([]byte, []int) {
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *GetInclusionProofRequest) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+// GetInclusionProofResponse is the proof bundle `gpuaasctl audit proof`
+// prints: the entry, its audit path and the signed checkpoint it is in
+// (JSON).
+type GetInclusionProofResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bundle        []byte                 `protobuf:"bytes,1,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetInclusionProofResponse) Reset() {
+	*x = GetInclusionProofResponse{}
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetInclusionProofResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetInclusionProofResponse) ProtoMessage() {}
+
+func (x *GetInclusionProofResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetInclusionProofResponse.ProtoReflect.Descriptor instead.
+func (*GetInclusionProofResponse) Descriptor() ([]byte, []int) {
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *GetInclusionProofResponse) GetBundle() []byte {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
 // GetSinkStateRequest names the log.
 type GetSinkStateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -32,7 +292,7 @@ type GetSinkStateRequest struct {
 
 func (x *GetSinkStateRequest) Reset() {
 	*x = GetSinkStateRequest{}
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[0]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +304,7 @@ func (x *GetSinkStateRequest) String() string {
 func (*GetSinkStateRequest) ProtoMessage() {}
 
 func (x *GetSinkStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[0]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +317,7 @@ func (x *GetSinkStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSinkStateRequest.ProtoReflect.Descriptor instead.
 func (*GetSinkStateRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{0}
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetSinkStateRequest) GetOrigin() string {
@@ -80,7 +340,7 @@ type GetSinkStateResponse struct {
 
 func (x *GetSinkStateResponse) Reset() {
 	*x = GetSinkStateResponse{}
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[1]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -92,7 +352,7 @@ func (x *GetSinkStateResponse) String() string {
 func (*GetSinkStateResponse) ProtoMessage() {}
 
 func (x *GetSinkStateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[1]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -105,7 +365,7 @@ func (x *GetSinkStateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSinkStateResponse.ProtoReflect.Descriptor instead.
 func (*GetSinkStateResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{1}
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetSinkStateResponse) GetTreeSize() uint64 {
@@ -147,7 +407,7 @@ type DeliverBatchRequest struct {
 
 func (x *DeliverBatchRequest) Reset() {
 	*x = DeliverBatchRequest{}
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[2]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -159,7 +419,7 @@ func (x *DeliverBatchRequest) String() string {
 func (*DeliverBatchRequest) ProtoMessage() {}
 
 func (x *DeliverBatchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[2]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -172,7 +432,7 @@ func (x *DeliverBatchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliverBatchRequest.ProtoReflect.Descriptor instead.
 func (*DeliverBatchRequest) Descriptor() ([]byte, []int) {
-	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{2}
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DeliverBatchRequest) GetBatchId() string {
@@ -230,7 +490,7 @@ type DeliverBatchResponse struct {
 
 func (x *DeliverBatchResponse) Reset() {
 	*x = DeliverBatchResponse{}
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[3]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -242,7 +502,7 @@ func (x *DeliverBatchResponse) String() string {
 func (*DeliverBatchResponse) ProtoMessage() {}
 
 func (x *DeliverBatchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[3]
+	mi := &file_gpuaas_audit_v1_audit_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -255,7 +515,7 @@ func (x *DeliverBatchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeliverBatchResponse.ProtoReflect.Descriptor instead.
 func (*DeliverBatchResponse) Descriptor() ([]byte, []int) {
-	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{3}
+	return file_gpuaas_audit_v1_audit_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeliverBatchResponse) GetTreeSize() uint64 {
@@ -276,7 +536,26 @@ var File_gpuaas_audit_v1_audit_proto protoreflect.FileDescriptor
 
 const file_gpuaas_audit_v1_audit_proto_rawDesc = "" +
 	"\n" +
-	"\x1bgpuaas/audit/v1/audit.proto\x12\x0fgpuaas.audit.v1\"-\n" +
+	"\x1bgpuaas/audit/v1/audit.proto\x12\x0fgpuaas.audit.v1\x1a\x1dgpuaas/audit/v1/options.proto\"\xe7\x01\n" +
+	"\x17ListAuditEntriesRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\x04R\x05after\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x14\n" +
+	"\x05actor\x18\x03 \x01(\tR\x05actor\x12\x16\n" +
+	"\x06action\x18\x04 \x01(\tR\x06action\x12\x1a\n" +
+	"\bresource\x18\x05 \x01(\tR\bresource\x12\x16\n" +
+	"\x06tenant\x18\x06 \x01(\tR\x06tenant\x12\x18\n" +
+	"\aoutcome\x18\a \x01(\tR\aoutcome\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\b \x01(\tR\trequestId\"p\n" +
+	"\x18ListAuditEntriesResponse\x12\x18\n" +
+	"\aentries\x18\x01 \x03(\fR\aentries\x12\x1d\n" +
+	"\n" +
+	"next_after\x18\x02 \x01(\x04R\tnextAfter\x12\x1b\n" +
+	"\ttree_size\x18\x03 \x01(\x04R\btreeSize\",\n" +
+	"\x18GetInclusionProofRequest\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\"3\n" +
+	"\x19GetInclusionProofResponse\x12\x16\n" +
+	"\x06bundle\x18\x01 \x01(\fR\x06bundle\"-\n" +
 	"\x13GetSinkStateRequest\x12\x16\n" +
 	"\x06origin\x18\x01 \x01(\tR\x06origin\"S\n" +
 	"\x14GetSinkStateResponse\x12\x1b\n" +
@@ -295,7 +574,10 @@ const file_gpuaas_audit_v1_audit_proto_rawDesc = "" +
 	"\x11consistency_proof\x18\x06 \x03(\fR\x10consistencyProof\"Q\n" +
 	"\x14DeliverBatchResponse\x12\x1b\n" +
 	"\ttree_size\x18\x01 \x01(\x04R\btreeSize\x12\x1c\n" +
-	"\tduplicate\x18\x02 \x01(\bR\tduplicate2\xcc\x01\n" +
+	"\tduplicate\x18\x02 \x01(\bR\tduplicate2\xf2\x01\n" +
+	"\x0fAuditLogService\x12m\n" +
+	"\x10ListAuditEntries\x12(.gpuaas.audit.v1.ListAuditEntriesRequest\x1a).gpuaas.audit.v1.ListAuditEntriesResponse\"\x04\x88\xe7\x18\x01\x12p\n" +
+	"\x11GetInclusionProof\x12).gpuaas.audit.v1.GetInclusionProofRequest\x1a*.gpuaas.audit.v1.GetInclusionProofResponse\"\x04\x88\xe7\x18\x012\xcc\x01\n" +
 	"\x10AuditSinkService\x12[\n" +
 	"\fGetSinkState\x12$.gpuaas.audit.v1.GetSinkStateRequest\x1a%.gpuaas.audit.v1.GetSinkStateResponse\x12[\n" +
 	"\fDeliverBatch\x12$.gpuaas.audit.v1.DeliverBatchRequest\x1a%.gpuaas.audit.v1.DeliverBatchResponseB8Z6github.com/gpuaas/gpuaas/proto/gpuaas/audit/v1;auditv1b\x06proto3"
@@ -312,20 +594,28 @@ func file_gpuaas_audit_v1_audit_proto_rawDescGZIP() []byte {
 	return file_gpuaas_audit_v1_audit_proto_rawDescData
 }
 
-var file_gpuaas_audit_v1_audit_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_gpuaas_audit_v1_audit_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_gpuaas_audit_v1_audit_proto_goTypes = []any{
-	(*GetSinkStateRequest)(nil),  // 0: gpuaas.audit.v1.GetSinkStateRequest
-	(*GetSinkStateResponse)(nil), // 1: gpuaas.audit.v1.GetSinkStateResponse
-	(*DeliverBatchRequest)(nil),  // 2: gpuaas.audit.v1.DeliverBatchRequest
-	(*DeliverBatchResponse)(nil), // 3: gpuaas.audit.v1.DeliverBatchResponse
+	(*ListAuditEntriesRequest)(nil),   // 0: gpuaas.audit.v1.ListAuditEntriesRequest
+	(*ListAuditEntriesResponse)(nil),  // 1: gpuaas.audit.v1.ListAuditEntriesResponse
+	(*GetInclusionProofRequest)(nil),  // 2: gpuaas.audit.v1.GetInclusionProofRequest
+	(*GetInclusionProofResponse)(nil), // 3: gpuaas.audit.v1.GetInclusionProofResponse
+	(*GetSinkStateRequest)(nil),       // 4: gpuaas.audit.v1.GetSinkStateRequest
+	(*GetSinkStateResponse)(nil),      // 5: gpuaas.audit.v1.GetSinkStateResponse
+	(*DeliverBatchRequest)(nil),       // 6: gpuaas.audit.v1.DeliverBatchRequest
+	(*DeliverBatchResponse)(nil),      // 7: gpuaas.audit.v1.DeliverBatchResponse
 }
 var file_gpuaas_audit_v1_audit_proto_depIdxs = []int32{
-	0, // 0: gpuaas.audit.v1.AuditSinkService.GetSinkState:input_type -> gpuaas.audit.v1.GetSinkStateRequest
-	2, // 1: gpuaas.audit.v1.AuditSinkService.DeliverBatch:input_type -> gpuaas.audit.v1.DeliverBatchRequest
-	1, // 2: gpuaas.audit.v1.AuditSinkService.GetSinkState:output_type -> gpuaas.audit.v1.GetSinkStateResponse
-	3, // 3: gpuaas.audit.v1.AuditSinkService.DeliverBatch:output_type -> gpuaas.audit.v1.DeliverBatchResponse
-	2, // [2:4] is the sub-list for method output_type
-	0, // [0:2] is the sub-list for method input_type
+	0, // 0: gpuaas.audit.v1.AuditLogService.ListAuditEntries:input_type -> gpuaas.audit.v1.ListAuditEntriesRequest
+	2, // 1: gpuaas.audit.v1.AuditLogService.GetInclusionProof:input_type -> gpuaas.audit.v1.GetInclusionProofRequest
+	4, // 2: gpuaas.audit.v1.AuditSinkService.GetSinkState:input_type -> gpuaas.audit.v1.GetSinkStateRequest
+	6, // 3: gpuaas.audit.v1.AuditSinkService.DeliverBatch:input_type -> gpuaas.audit.v1.DeliverBatchRequest
+	1, // 4: gpuaas.audit.v1.AuditLogService.ListAuditEntries:output_type -> gpuaas.audit.v1.ListAuditEntriesResponse
+	3, // 5: gpuaas.audit.v1.AuditLogService.GetInclusionProof:output_type -> gpuaas.audit.v1.GetInclusionProofResponse
+	5, // 6: gpuaas.audit.v1.AuditSinkService.GetSinkState:output_type -> gpuaas.audit.v1.GetSinkStateResponse
+	7, // 7: gpuaas.audit.v1.AuditSinkService.DeliverBatch:output_type -> gpuaas.audit.v1.DeliverBatchResponse
+	4, // [4:8] is the sub-list for method output_type
+	0, // [0:4] is the sub-list for method input_type
 	0, // [0:0] is the sub-list for extension type_name
 	0, // [0:0] is the sub-list for extension extendee
 	0, // [0:0] is the sub-list for field type_name
@@ -336,15 +626,16 @@ func file_gpuaas_audit_v1_audit_proto_init() {
 	if File_gpuaas_audit_v1_audit_proto != nil {
 		return
 	}
+	file_gpuaas_audit_v1_options_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpuaas_audit_v1_audit_proto_rawDesc), len(file_gpuaas_audit_v1_audit_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   8,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_gpuaas_audit_v1_audit_proto_goTypes,
 		DependencyIndexes: file_gpuaas_audit_v1_audit_proto_depIdxs,

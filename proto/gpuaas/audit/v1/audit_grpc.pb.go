@@ -19,6 +19,156 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
+	AuditLogService_ListAuditEntries_FullMethodName  = "/gpuaas.audit.v1.AuditLogService/ListAuditEntries"
+	AuditLogService_GetInclusionProof_FullMethodName = "/gpuaas.audit.v1.AuditLogService/GetInclusionProof"
+)
+
+// AuditLogServiceClient is the client API for AuditLogService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// AuditLogService is served by the control plane to auditors (scope
+// audit:read): its log's entries, and inclusion proofs a third party checks
+// offline (`gpuaasctl audit check-proof`). A caller confined to a tenant
+// sees only that tenant's entries. Every call is itself audited.
+type AuditLogServiceClient interface {
+	ListAuditEntries(ctx context.Context, in *ListAuditEntriesRequest, opts ...grpc.CallOption) (*ListAuditEntriesResponse, error)
+	GetInclusionProof(ctx context.Context, in *GetInclusionProofRequest, opts ...grpc.CallOption) (*GetInclusionProofResponse, error)
+}
+
+type auditLogServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewAuditLogServiceClient(cc grpc.ClientConnInterface) AuditLogServiceClient {
+	return &auditLogServiceClient{cc}
+}
+
+func (c *auditLogServiceClient) ListAuditEntries(ctx context.Context, in *ListAuditEntriesRequest, opts ...grpc.CallOption) (*ListAuditEntriesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAuditEntriesResponse)
+	err := c.cc.Invoke(ctx, AuditLogService_ListAuditEntries_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *auditLogServiceClient) GetInclusionProof(ctx context.Context, in *GetInclusionProofRequest, opts ...grpc.CallOption) (*GetInclusionProofResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetInclusionProofResponse)
+	err := c.cc.Invoke(ctx, AuditLogService_GetInclusionProof_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// AuditLogServiceServer is the server API for AuditLogService service.
+// All implementations must embed UnimplementedAuditLogServiceServer
+// for forward compatibility.
+//
+// AuditLogService is served by the control plane to auditors (scope
+// audit:read): its log's entries, and inclusion proofs a third party checks
+// offline (`gpuaasctl audit check-proof`). A caller confined to a tenant
+// sees only that tenant's entries. Every call is itself audited.
+type AuditLogServiceServer interface {
+	ListAuditEntries(context.Context, *ListAuditEntriesRequest) (*ListAuditEntriesResponse, error)
+	GetInclusionProof(context.Context, *GetInclusionProofRequest) (*GetInclusionProofResponse, error)
+	mustEmbedUnimplementedAuditLogServiceServer()
+}
+
+// UnimplementedAuditLogServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedAuditLogServiceServer struct{}
+
+func (UnimplementedAuditLogServiceServer) ListAuditEntries(context.Context, *ListAuditEntriesRequest) (*ListAuditEntriesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAuditEntries not implemented")
+}
+func (UnimplementedAuditLogServiceServer) GetInclusionProof(context.Context, *GetInclusionProofRequest) (*GetInclusionProofResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetInclusionProof not implemented")
+}
+func (UnimplementedAuditLogServiceServer) mustEmbedUnimplementedAuditLogServiceServer() {}
+func (UnimplementedAuditLogServiceServer) testEmbeddedByValue()                         {}
+
+// UnsafeAuditLogServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to AuditLogServiceServer will
+// result in compilation errors.
+type UnsafeAuditLogServiceServer interface {
+	mustEmbedUnimplementedAuditLogServiceServer()
+}
+
+func RegisterAuditLogServiceServer(s grpc.ServiceRegistrar, srv AuditLogServiceServer) {
+	// If the following call panics, it indicates UnimplementedAuditLogServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&AuditLogService_ServiceDesc, srv)
+}
+
+func _AuditLogService_ListAuditEntries_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAuditEntriesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuditLogServiceServer).ListAuditEntries(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuditLogService_ListAuditEntries_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuditLogServiceServer).ListAuditEntries(ctx, req.(*ListAuditEntriesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuditLogService_GetInclusionProof_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetInclusionProofRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuditLogServiceServer).GetInclusionProof(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuditLogService_GetInclusionProof_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuditLogServiceServer).GetInclusionProof(ctx, req.(*GetInclusionProofRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// AuditLogService_ServiceDesc is the grpc.ServiceDesc for AuditLogService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var AuditLogService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "gpuaas.audit.v1.AuditLogService",
+	HandlerType: (*AuditLogServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "ListAuditEntries",
+			Handler:    _AuditLogService_ListAuditEntries_Handler,
+		},
+		{
+			MethodName: "GetInclusionProof",
+			Handler:    _AuditLogService_GetInclusionProof_Handler,
+		},
+	},
+	Streams:  []grpc.StreamDesc{},
+	Metadata: "gpuaas/audit/v1/audit.proto",
+}
+
+const (
 	AuditSinkService_GetSinkState_FullMethodName = "/gpuaas.audit.v1.AuditSinkService/GetSinkState"
 	AuditSinkService_DeliverBatch_FullMethodName = "/gpuaas.audit.v1.AuditSinkService/DeliverBatch"
 )
