@@ -40,6 +40,7 @@ demo: setup build
 bench: setup build
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
 	GPUAAS_FOOTPRINT=1 GPUAAS_FOOTPRINT_OUT=$(CURDIR)/bin/footprint.json $(GO) test -count=1 -timeout 20m -run '^TestAgentFootprint$$' -v ./test/footprint/
+	GPUAAS_FLEETSIM=1 $(GO) test -count=1 -run '^TestFleetScale$$' -v -timeout 60m ./test/fleetsim/
 
 # .deb and .rpm packages of the agent, the control plane and gpuaasctl in
 # dist/ (nfpm, pinned in tools/nfpm).

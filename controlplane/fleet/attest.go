@@ -222,12 +222,17 @@ func (a *Attestor) Status(node string) attestation.Status {
 	return a.effective(na.status, na.reportTime, now)
 }
 
-// eligible reports whether node may take new leases.
-func (a *Attestor) eligible(node string, now time.Time) bool {
+// eligibleSet reports which of nodes may take new leases, under one lock.
+func (a *Attestor) eligibleSet(nodes []string, now time.Time) map[string]bool {
+	out := make(map[string]bool, len(nodes))
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	na := a.nodes[node]
-	return na != nil && a.effective(na.status, na.reportTime, now) == attestation.StatusPass
+	for _, n := range nodes {
+		if na := a.nodes[n]; na != nil && a.effective(na.status, na.reportTime, now) == attestation.StatusPass {
+			out[n] = true
+		}
+	}
+	return out
 }
 
 // Challenge makes a new challenge for node's agent.

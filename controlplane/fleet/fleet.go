@@ -224,31 +224,55 @@ func (r *Registry) persistConnect(ctx context.Context, s *Session) error {
 
 // ConnectedNodes implements lease.Fleet: the nodes with a session that are
 // not cordoned and, with attestation enabled, whose attestation is PASS.
+// It holds the registry's lock only to copy the session list: heartbeats
+// (Seen) take the same lock, and a walk over a large fleet under it would
+// delay them past their deadline.
 func (r *Registry) ConnectedNodes() []lease.NodeView {
 	now := r.now()
+	type cand struct {
+		s   *Session
+		off map[string]bool
+	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	out := make([]lease.NodeView, 0, len(r.sessions))
+	cands := make([]cand, 0, len(r.sessions))
 	for _, s := range r.sessions {
 		if r.cordoned[s.Node] {
 			continue
 		}
-		if r.attest != nil && !r.attest.eligible(s.Node, now) {
+		c := cand{s: s}
+		if off := r.cordonedGPUs[s.Node]; len(off) > 0 {
+			c.off = maps.Clone(off)
+		}
+		cands = append(cands, c)
+	}
+	attest := r.attest
+	r.mu.Unlock()
+	var ok map[string]bool
+	if attest != nil {
+		names := make([]string, len(cands))
+		for i, c := range cands {
+			names[i] = c.s.Node
+		}
+		ok = attest.eligibleSet(names, now)
+	}
+	out := make([]lease.NodeView, 0, len(cands))
+	for _, c := range cands {
+		if attest != nil && !ok[c.s.Node] {
 			continue
 		}
-		s.mu.Lock()
-		gpus := s.inventory.GetGpus()
-		s.mu.Unlock()
-		if off := r.cordonedGPUs[s.Node]; len(off) > 0 {
+		c.s.mu.Lock()
+		gpus := c.s.inventory.GetGpus()
+		c.s.mu.Unlock()
+		if len(c.off) > 0 {
 			kept := make([]*nodev1.Gpu, 0, len(gpus))
 			for _, g := range gpus {
-				if !off[g.GetUuid()] {
+				if !c.off[g.GetUuid()] {
 					kept = append(kept, g)
 				}
 			}
 			gpus = kept
 		}
-		out = append(out, lease.NodeView{ID: s.Node, GPUs: gpus})
+		out = append(out, lease.NodeView{ID: c.s.Node, GPUs: gpus})
 	}
 	return out
 }

@@ -683,7 +683,17 @@ const sweepChunk = 12
 // Tick expires leases past not_after and places pending ones. Run it
 // periodically and when capacity may have appeared.
 func (s *Service) Tick(ctx context.Context) error {
-	nodes := s.nodes()
+	// The fleet's schedulable nodes are read only when a pending lease
+	// needs them: a tick with nothing to place (the common case) costs no
+	// walk over the fleet.
+	var cached []NodeView
+	loaded := false
+	nodes := func() []NodeView {
+		if !loaded {
+			cached, loaded = s.nodes(), true
+		}
+		return cached
+	}
 	for {
 		n, err := s.tickChunk(ctx, nodes)
 		if err != nil || n < sweepChunk {
@@ -694,7 +704,7 @@ func (s *Service) Tick(ctx context.Context) error {
 
 // tickChunk changes at most sweepChunk leases and returns how many it
 // changed.
-func (s *Service) tickChunk(ctx context.Context, nodes []NodeView) (int, error) {
+func (s *Service) tickChunk(ctx context.Context, nodes func() []NodeView) (int, error) {
 	var changed []*leasev1.Lease
 	err := s.st.Update(ctx, func(tx store.Tx) error {
 		changed = changed[:0]
@@ -734,7 +744,7 @@ func (s *Service) tickChunk(ctx context.Context, nodes []NodeView) (int, error) 
 					return err
 				}
 			case l.GetPhase() == leasev1.Phase_PHASE_PENDING:
-				p, err := Place(nodes, held, l.GetSpec().GetGpu())
+				p, err := Place(nodes(), held, l.GetSpec().GetGpu())
 				if err != nil {
 					continue
 				}
