@@ -368,7 +368,7 @@ func TestTelemetryIsAcceptedOnlyFromTheAttestedKeyInOrder(t *testing.T) {
 	refused(&agentv1.TelemetryReport{Payload: first.GetPayload()}, attestation.CheckTelemetrySignature)
 	other, _ := attestation.NewTelemetryKey()
 	forged, _ := other.Sign(telemetryPayload("node-a", 9, "lease-1"))
-	refused(forged, attestation.CheckTelemetrySignature)
+	refused(forged, attestation.CheckTelemetryKey) // another key: not attested
 	refused(sign(telemetryPayload("node-a", 10, "lease-elsewhere")), fleet.CheckTelemetryLease)
 	refused(sign(telemetryPayload("node-b", 11, "lease-1")), fleet.CheckTelemetryNode)
 

@@ -98,6 +98,13 @@ func (v *TelemetryVerifier) verify(payload, sig []byte) bool {
 
 // VerifyHeader is VerifyTelemetryHeader under this verifier's key.
 func (v *TelemetryVerifier) VerifyHeader(r *agentv1.TelemetryReport) (TelemetryHeader, error) {
+	// A report under another key (an agent restarted with a new key whose
+	// attestation is not judged yet) is told apart before its signature
+	// is checked, so it reads as an unattested key, not as a forgery. The
+	// key id read here is not trusted: it is checked again once signed.
+	if id, ok := peekKeyID(r.GetPayload()); ok && len(r.GetSignature()) > 0 && !bytes.Equal(id, v.id[:]) {
+		return TelemetryHeader{}, &CheckError{Check: CheckTelemetryKey, Expected: fmt.Sprintf("key_id %x", v.id), Actual: fmt.Sprintf("key_id %x (not attested)", id)}
+	}
 	if err := checkTelemetryEnvelope(r, v.verify); err != nil {
 		return TelemetryHeader{}, err
 	}
@@ -208,4 +215,30 @@ func scanDeviceLease(b []byte) ([]byte, error) {
 		b = b[n:]
 	}
 	return lease, nil
+}
+
+// peekKeyID reads a payload's key_id (the last one, as a decoder would)
+// from its top-level fields; ok is false for a malformed payload.
+func peekKeyID(b []byte) (id []byte, ok bool) {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return nil, false
+		}
+		b = b[n:]
+		if num == fieldKeyID && typ == protowire.BytesType {
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return nil, false
+			}
+			id, b = v, b[n:]
+			continue
+		}
+		n = protowire.ConsumeFieldValue(num, typ, b)
+		if n < 0 {
+			return nil, false
+		}
+		b = b[n:]
+	}
+	return id, id != nil
 }

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -336,9 +337,24 @@ func TestTelemetryHeaderAgreesWithTheFullDecode(t *testing.T) {
 		_, herr := VerifyTelemetryHeader(bad, k.Public())
 		_, ferr := VerifyTelemetry(bad, k.Public())
 		var hc, fc *CheckError
-		if !errors.As(herr, &hc) || !errors.As(ferr, &fc) || hc.Check != fc.Check {
+		if !errors.As(herr, &hc) || !errors.As(ferr, &fc) {
+			t.Fatalf("%s: header verification %v, full verification %v", name, herr, ferr)
+		}
+		want := fc.Check
+		if name == "another key" {
+			// The header path names a report under another key for what
+			// it is (a key not attested), before checking its signature.
+			want = CheckTelemetryKey
+		}
+		if hc.Check != want {
 			t.Errorf("%s: header verification %v, full verification %v", name, herr, ferr)
 		}
+	}
+	// A payload that claims the attested key id but is signed by another
+	// key is a forgery: refused on its signature.
+	forged := mustSignRaw(t, other, r.GetPayload())
+	if _, err := VerifyTelemetryHeader(forged, k.Public()); !errors.As(err, new(*CheckError)) || !strings.Contains(err.Error(), CheckTelemetrySignature) {
+		t.Errorf("a forgery under the attested key id: %v", err)
 	}
 }
 
