@@ -38,11 +38,7 @@ func (s *NodeServer) GetNode(ctx context.Context, req *nodev1.GetNodeRequest) (*
 	if !lease.ValidName(req.GetId()) {
 		return nil, errs.InvalidArgument("id", "is not a node name")
 	}
-	live, err := s.Leases.LiveLeases(ctx)
-	if err != nil {
-		return nil, err
-	}
-	n, err := s.Fleet.Node(ctx, req.GetId(), live)
+	n, err := s.node(ctx, req.GetId())
 	if err != nil {
 		return nil, err
 	}
@@ -50,7 +46,7 @@ func (s *NodeServer) GetNode(ctx context.Context, req *nodev1.GetNodeRequest) (*
 }
 
 func (s *NodeServer) node(ctx context.Context, id string) (*nodev1.Node, error) {
-	live, err := s.Leases.LiveLeases(ctx)
+	live, err := s.Leases.LiveOn(ctx, id)
 	if err != nil {
 		return nil, err
 	}

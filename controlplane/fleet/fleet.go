@@ -291,18 +291,48 @@ func (r *Registry) Notify(node string) {
 	}
 }
 
-// Nodes lists every node ever seen, with live session and capacity.
+// Nodes lists every node ever seen, with live session and capacity; live
+// is every live lease.
 func (r *Registry) Nodes(ctx context.Context, live []*leasev1.Lease) ([]*nodev1.Node, error) {
+	return r.describe(ctx, "", live)
+}
+
+// Node returns one node; live holds (at least) the live leases placed on
+// it. It reads only that node.
+func (r *Registry) Node(ctx context.Context, id string, live []*leasev1.Lease) (*nodev1.Node, error) {
+	ns, err := r.describe(ctx, id, live)
+	if err != nil {
+		return nil, err
+	}
+	if len(ns) == 0 {
+		return nil, errs.NotFound("NODE_NOT_FOUND", "node %s not found", id)
+	}
+	return ns[0], nil
+}
+
+// describe builds the view of every node, or of node only.
+func (r *Registry) describe(ctx context.Context, only string, live []*leasev1.Lease) ([]*nodev1.Node, error) {
 	var out []*nodev1.Node
+	decode := func(v []byte) error {
+		n := &nodev1.Node{}
+		if err := proto.Unmarshal(v, n); err != nil {
+			return err
+		}
+		out = append(out, n)
+		return nil
+	}
 	err := r.st.View(ctx, func(tx store.Tx) error {
-		return tx.Scan(store.BucketNodes, "", false, func(k string, v []byte) error {
-			n := &nodev1.Node{}
-			if err := proto.Unmarshal(v, n); err != nil {
+		if only != "" {
+			v, err := tx.Get(store.BucketNodes, only)
+			if errors.Is(err, store.ErrNotFound) {
+				return nil
+			}
+			if err != nil {
 				return err
 			}
-			out = append(out, n)
-			return nil
-		})
+			return decode(v)
+		}
+		return tx.Scan(store.BucketNodes, "", false, func(_ string, v []byte) error { return decode(v) })
 	})
 	if err != nil {
 		return nil, err
@@ -345,32 +375,17 @@ func (r *Registry) Nodes(ctx context.Context, live []*leasev1.Lease) ([]*nodev1.
 			n.Attestation = AttestationStatusProto(attest.Status(n.GetId()))
 		}
 	}
+	byNode := map[string][]*leasev1.Lease{}
+	for _, l := range live {
+		byNode[l.GetPlacement().GetNode()] = append(byNode[l.GetPlacement().GetNode()], l)
+	}
 	for _, n := range out {
-		var mine []*leasev1.Lease
-		for _, l := range live {
-			if l.GetPlacement().GetNode() == n.GetId() {
-				mine = append(mine, l)
-			}
-		}
+		mine := byNode[n.GetId()]
 		n.LeaseCount = uint32(len(mine))
 		n.Capacity = lease.Capacity(lease.NodeView{ID: n.GetId(), GPUs: n.GetInventory().GetGpus()}, mine)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].GetId() < out[j].GetId() })
 	return out, nil
-}
-
-// Node returns one node.
-func (r *Registry) Node(ctx context.Context, id string, live []*leasev1.Lease) (*nodev1.Node, error) {
-	nodes, err := r.Nodes(ctx, live)
-	if err != nil {
-		return nil, err
-	}
-	for _, n := range nodes {
-		if n.GetId() == id {
-			return n, nil
-		}
-	}
-	return nil, errs.NotFound("NODE_NOT_FOUND", "node %s not found", id)
 }
 
 // ErrReplaced is returned to a session superseded by a newer one.
