@@ -153,9 +153,6 @@ func (e *Executor) SetDesired(ds *agentv1.DesiredState) error {
 	return nil
 }
 
-// envAAD binds a sealed env value to its lease and variable.
-func envAAD(lease, name string) string { return "lease/" + lease + "/env/" + name }
-
 // sealEnv returns leases with their env values sealed (copies; the
 // originals are not changed), for the journal.
 func (e *Executor) sealEnv(leases []*leasev1.Lease) ([]*leasev1.Lease, error) {
@@ -174,7 +171,7 @@ func (e *Executor) sealEnv(leases []*leasev1.Lease) ([]*leasev1.Lease, error) {
 			if seal.IsSealed(v) {
 				continue
 			}
-			sv, err := e.o.Sealer.Seal(v, envAAD(c.GetId(), k))
+			sv, err := e.o.Sealer.Seal(v, seal.EnvAAD(c.GetId(), k))
 			if err != nil {
 				return nil, fmt.Errorf("seal env of lease %s: %w", c.GetId(), err)
 			}
@@ -412,7 +409,7 @@ func (e *Executor) provision(ctx context.Context, r *Record, l *leasev1.Lease) e
 				if e.o.Sealer == nil {
 					return e.fail(ctx, r, fmt.Errorf("%w: %s is sealed and the agent has no secrets key", errSecretUnavailable, k), "env")
 				}
-				pv, err := e.o.Sealer.Open(v, envAAD(l.GetId(), k))
+				pv, err := e.o.Sealer.Open(v, seal.EnvAAD(l.GetId(), k))
 				if err != nil {
 					return e.fail(ctx, r, fmt.Errorf("%w: %s: %v", errSecretUnavailable, k, err), "env")
 				}

@@ -117,9 +117,6 @@ func (s *Service) bodyHash(spec *leasev1.LeaseSpec) string {
 	return hex.EncodeToString(h[:])
 }
 
-// envAAD binds a sealed env value to its lease and variable.
-func envAAD(lease, name string) string { return "lease/" + lease + "/env/" + name }
-
 // sealEnv seals l's env values in place (with a sealer).
 func (s *Service) sealEnv(l *leasev1.Lease) error {
 	env := l.GetSpec().GetWorkload().GetEnv()
@@ -130,7 +127,7 @@ func (s *Service) sealEnv(l *leasev1.Lease) error {
 		if seal.IsSealed(v) {
 			continue
 		}
-		sv, err := s.sealer.Seal(v, envAAD(l.GetId(), k))
+		sv, err := s.sealer.Seal(v, seal.EnvAAD(l.GetId(), k))
 		if err != nil {
 			return fmt.Errorf("seal env of lease %s: %w", l.GetId(), err)
 		}
@@ -161,7 +158,7 @@ func (s *Service) openEnv(l *leasev1.Lease) (*leasev1.Lease, error) {
 		if !seal.IsSealed(v) {
 			continue
 		}
-		pv, err := s.sealer.Open(v, envAAD(l.GetId(), k))
+		pv, err := s.sealer.Open(v, seal.EnvAAD(l.GetId(), k))
 		if err != nil {
 			return nil, fmt.Errorf("open env %s of lease %s: %w", k, l.GetId(), err)
 		}

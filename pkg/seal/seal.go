@@ -155,6 +155,10 @@ func GenerateKeyLine(kid string) (string, error) {
 // ActiveKey is the id of the key that seals.
 func (r *Keyring) ActiveKey() string { return r.keys[0].id }
 
+// EnvAAD is the additional data that binds a sealed env value to its lease
+// and variable; the control plane and the agent both use it.
+func EnvAAD(lease, name string) string { return "lease/" + lease + "/env/" + name }
+
 // IsSealed reports whether v looks sealed.
 func IsSealed(v string) bool { return strings.HasPrefix(v, Prefix) }
 

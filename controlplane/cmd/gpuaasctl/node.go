@@ -19,13 +19,7 @@ func nodeCmd(g *globals) *cobra.Command {
 		if err := g.checkOutput(); err != nil {
 			return nil, nil, nil, err
 		}
-		ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
-		conn, closeConn, err := g.dial(ctx)
-		if err != nil {
-			cancel()
-			return nil, nil, nil, err
-		}
-		return nodev1.NewNodeServiceClient(conn), ctx, func() { closeConn(); cancel() }, nil
+		return g.nodeClient(cmd)
 	}
 	list := &cobra.Command{
 		Use: "list", Short: "List nodes", Args: cobra.NoArgs,
