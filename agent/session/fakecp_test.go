@@ -259,7 +259,7 @@ func testInventory() *nodev1.Inventory {
 func agentOpts(t *testing.T, pki *identity.DevPKI, addr string, j *lease.Journal, ex *lease.Executor) session.Options {
 	t.Helper()
 	return session.Options{
-		Address: addr, Node: "node-a", AgentVersion: agentVersion,
+		Addresses: []string{addr}, Node: "node-a", AgentVersion: agentVersion,
 		Creds:     identity.ClientCredentials(staticSource(t, pki, pki.Agents["node-a"]), tlsconfig.AuthorizeID(identity.ControlPlaneID(pki.TrustDomain))),
 		Executor:  ex,
 		Journal:   j,

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,13 +27,16 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/gpuaas/gpuaas/agent/lease"
+	"github.com/gpuaas/gpuaas/pkg/endpoint"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
 
 // Options configures the client.
 type Options struct {
-	Address      string // control plane host:port
+	// Addresses are the control plane's replicas, host:port each
+	// (pkg/endpoint): the first that answers is used.
+	Addresses    []string
 	Node         string
 	AgentVersion string
 	Creds        credentials.TransportCredentials
@@ -194,20 +198,21 @@ func New(o Options) *Client {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Client{o: o, st: Status{Address: o.Address}}
+	return &Client{o: o, st: Status{Address: strings.Join(o.Addresses, ",")}}
 }
 
 // Run keeps a session open until ctx ends.
 func (c *Client) Run(ctx context.Context) error {
-	conn, err := grpc.NewClient(c.o.Address,
+	target, opts := endpoint.Target(c.o.Addresses)
+	conn, err := grpc.NewClient(target, append(opts,
 		grpc.WithTransportCredentials(c.o.Creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true}),
 		// gRPC's own reconnect delay must not exceed ours (its default
 		// grows to 120 s).
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: grpcbackoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: c.o.MaxBackoff}, MinConnectTimeout: 5 * time.Second}),
-	)
+	)...)
 	if err != nil {
-		return fmt.Errorf("control plane client for %s: %w", c.o.Address, err)
+		return fmt.Errorf("control plane client for %s: %w", strings.Join(c.o.Addresses, ","), err)
 	}
 	defer conn.Close()
 	client := agentv1.NewAgentServiceClient(conn)

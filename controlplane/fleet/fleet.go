@@ -67,6 +67,10 @@ type Registry struct {
 	cordonsLoaded bool
 	// attest, when set, decides which nodes are attested (attest.go).
 	attest *Attestor
+	// presence, when set, is replicated mode (replicas.go): sessions are
+	// spread over replicas and the leader watches the whole fleet.
+	presence Presence
+	ha       haState
 }
 
 // Options configures a registry.
@@ -117,6 +121,11 @@ func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version st
 	if err := r.persistConnect(ctx, s); err != nil {
 		return nil, err
 	}
+	if r.presence != nil {
+		if err := r.presence.Claim(ctx, node); err != nil {
+			return nil, err
+		}
+	}
 	r.mu.Lock()
 	if old := r.sessions[node]; old != nil {
 		close(old.Replaced)
@@ -152,8 +161,18 @@ func (r *Registry) Disconnect(ctx context.Context, s *Session) {
 	current := r.sessions[s.Node] == s
 	if current {
 		delete(r.sessions, s.Node)
+		if r.presence != nil {
+			// The leader times the node from here on: it may
+			// already be connected to another replica.
+			delete(r.deadline, s.Node)
+		}
 	}
 	r.mu.Unlock()
+	if current && r.presence != nil {
+		if err := r.presence.Release(ctx, s.Node); err != nil {
+			r.log.Warn("release presence on disconnect", "node", s.Node, "err", err)
+		}
+	}
 	if current {
 		if err := r.persist(ctx, s); err != nil {
 			r.log.Warn("persist node on disconnect", "node", s.Node, "err", err)
@@ -230,20 +249,29 @@ func (r *Registry) persistConnect(ctx context.Context, s *Session) error {
 func (r *Registry) ConnectedNodes() []lease.NodeView {
 	now := r.now()
 	type cand struct {
-		s   *Session
-		off map[string]bool
+		node string
+		s    *Session      // a session this process holds, or
+		gpus []*nodev1.Gpu // the inventory of a node another replica holds
+		off  map[string]bool
 	}
 	r.mu.Lock()
-	cands := make([]cand, 0, len(r.sessions))
-	for _, s := range r.sessions {
-		if r.cordoned[s.Node] {
-			continue
+	cands := make([]cand, 0, len(r.sessions)+len(r.ha.remote))
+	add := func(c cand) {
+		if r.cordoned[c.node] {
+			return
 		}
-		c := cand{s: s}
-		if off := r.cordonedGPUs[s.Node]; len(off) > 0 {
+		if off := r.cordonedGPUs[c.node]; len(off) > 0 {
 			c.off = maps.Clone(off)
 		}
 		cands = append(cands, c)
+	}
+	for _, s := range r.sessions {
+		add(cand{node: s.Node, s: s})
+	}
+	for n, gpus := range r.ha.remote {
+		if r.sessions[n] == nil {
+			add(cand{node: n, gpus: gpus})
+		}
 	}
 	attest := r.attest
 	r.mu.Unlock()
@@ -251,18 +279,21 @@ func (r *Registry) ConnectedNodes() []lease.NodeView {
 	if attest != nil {
 		names := make([]string, len(cands))
 		for i, c := range cands {
-			names[i] = c.s.Node
+			names[i] = c.node
 		}
 		ok = attest.eligibleSet(names, now)
 	}
 	out := make([]lease.NodeView, 0, len(cands))
 	for _, c := range cands {
-		if attest != nil && !ok[c.s.Node] {
+		if attest != nil && !ok[c.node] {
 			continue
 		}
-		c.s.mu.Lock()
-		gpus := c.s.inventory.GetGpus()
-		c.s.mu.Unlock()
+		gpus := c.gpus
+		if c.s != nil {
+			c.s.mu.Lock()
+			gpus = c.s.inventory.GetGpus()
+			c.s.mu.Unlock()
+		}
 		if len(c.off) > 0 {
 			kept := make([]*nodev1.Gpu, 0, len(gpus))
 			for _, g := range gpus {
@@ -272,7 +303,7 @@ func (r *Registry) ConnectedNodes() []lease.NodeView {
 			}
 			gpus = kept
 		}
-		out = append(out, lease.NodeView{ID: c.s.Node, GPUs: gpus})
+		out = append(out, lease.NodeView{ID: c.node, GPUs: gpus})
 	}
 	return out
 }
@@ -346,6 +377,8 @@ func (r *Registry) describe(ctx context.Context, only string, live []*leasev1.Le
 			n.LastSeen = timestamppb.New(s.lastSeen)
 			s.mu.Unlock()
 			n.Session = &nodev1.Session{PeerId: s.PeerID, RemoteAddr: s.RemoteAddr, ConnectTime: timestamppb.New(s.ConnectedAt), AgentVersion: s.AgentVersion}
+		} else if r.ha.present[n.GetId()] != "" {
+			n.Connected = true // to another replica
 		}
 	}
 	attest := r.attest

@@ -120,10 +120,14 @@ func putState(tx store.Tx, node string, st NodeState) error {
 // from for HeartbeatTTL + Grace is declared down.
 func (r *Registry) HeartbeatTTL() time.Duration {
 	r.mu.Lock()
-	n := len(r.sessions)
+	n := r.fleetSizeLocked()
 	r.mu.Unlock()
 	return r.live.TTL(n)
 }
+
+// fleetSizeLocked is the number of nodes with a session: this process's,
+// or in replicated mode every replica's as last read. Callers hold r.mu.
+func (r *Registry) fleetSizeLocked() int { return max(len(r.sessions), len(r.ha.present)) }
 
 // HeartbeatInterval is how often an agent should send a heartbeat: half
 // the TTL, so one lost heartbeat never kills a node.
@@ -132,7 +136,7 @@ func (r *Registry) HeartbeatInterval() time.Duration { return r.HeartbeatTTL() /
 // touchLocked moves node's deadline to now + TTL + grace. Callers hold
 // r.mu.
 func (r *Registry) touchLocked(node string, now time.Time) {
-	r.deadline[node] = now.Add(r.live.TTL(len(r.sessions)) + r.live.Grace)
+	r.deadline[node] = now.Add(r.live.TTL(r.fleetSizeLocked()) + r.live.Grace)
 }
 
 // restore gives every node the store knows and no session has claimed yet
@@ -186,6 +190,9 @@ func (r *Registry) restore(ctx context.Context) error {
 // the first call also starts the failover TTL of nodes known from the
 // store. It returns the nodes it declared down.
 func (r *Registry) Sweep(ctx context.Context) ([]string, error) {
+	if r.presence != nil {
+		return r.sweepReplicated(ctx)
+	}
 	if err := r.restore(ctx); err != nil {
 		return nil, fmt.Errorf("restore node liveness: %w", err)
 	}
@@ -237,7 +244,31 @@ func (r *Registry) markDown(ctx context.Context, node string, now time.Time) (bo
 	} else if d.Equal(r.started.Add(r.live.FailoverTTL)) {
 		reason = fmt.Sprintf("node %s did not reconnect within %s of a control-plane start", node, r.live.FailoverTTL)
 	}
-	err := r.st.Update(ctx, func(tx store.Tx) error {
+	if err := r.recordDown(ctx, node, reason, now); err != nil {
+		return false, err
+	}
+	r.mu.Lock()
+	if cur := r.deadline[node]; cur.Equal(d) {
+		delete(r.deadline, node)
+	}
+	ended := s != nil && r.sessions[node] == s
+	if ended {
+		delete(r.sessions, node)
+		close(s.Replaced) // ends the silent session; the agent reconnects
+	}
+	r.mu.Unlock()
+	if ended && r.presence != nil {
+		if err := r.presence.Release(ctx, node); err != nil {
+			r.log.Warn("release presence of a node declared down", "node", node, "err", err)
+		}
+	}
+	return true, r.loseLeases(ctx, node, reason)
+}
+
+// recordDown stores node's state as down with reason, audited as
+// node.down by the control plane, in one transaction.
+func (r *Registry) recordDown(ctx context.Context, node, reason string, now time.Time) error {
+	return r.st.Update(ctx, func(tx store.Tx) error {
 		st, err := getState(tx, node)
 		if err != nil {
 			return err
@@ -250,27 +281,20 @@ func (r *Registry) markDown(ctx context.Context, node string, now time.Time) (bo
 			Outcome: auditlog.OutcomeFailure, Reason: reason})
 		return err
 	})
-	if err != nil {
-		return false, err
-	}
-	r.mu.Lock()
-	if cur := r.deadline[node]; cur.Equal(d) {
-		delete(r.deadline, node)
-	}
-	if s != nil && r.sessions[node] == s {
-		delete(r.sessions, node)
-		close(s.Replaced) // ends the silent session; the agent reconnects
-	}
-	r.mu.Unlock()
+}
+
+// loseLeases marks the leases of a node just declared down LOST.
+func (r *Registry) loseLeases(ctx context.Context, node, reason string) error {
 	r.log.Warn("node down", "node", node, "reason", reason)
-	if r.leases != nil {
-		lost, err := r.leases.NodeLost(ctx, node, reason)
-		if err != nil {
-			return true, fmt.Errorf("mark leases lost: %w", err)
-		}
-		r.log.Warn("leases lost with their node", "node", node, "leases", len(lost))
+	if r.leases == nil {
+		return nil
 	}
-	return true, nil
+	lost, err := r.leases.NodeLost(ctx, node, reason)
+	if err != nil {
+		return fmt.Errorf("mark leases lost: %w", err)
+	}
+	r.log.Warn("leases lost with their node", "node", node, "leases", len(lost))
+	return nil
 }
 
 // RunLiveness calls Sweep every interval until ctx ends.
@@ -284,6 +308,9 @@ func (r *Registry) RunLiveness(ctx context.Context, interval time.Duration) {
 		case <-t.C:
 			if _, err := r.Sweep(ctx); err != nil && ctx.Err() == nil {
 				r.log.Error("liveness sweep failed", "err", err)
+			}
+			if r.presence != nil && !r.presence.IsLeader() {
+				continue // drains are the leader's
 			}
 			if err := r.SweepDrains(ctx); err != nil && ctx.Err() == nil {
 				r.log.Error("drain sweep failed", "err", err)

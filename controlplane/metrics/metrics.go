@@ -241,3 +241,28 @@ func NewAttestationCounts(reg prometheus.Registerer) (func(kind, result string),
 		}
 	}, nil
 }
+
+// NewReplicaGauges registers, for replicated mode, whether this replica
+// leads (1 or 0) and how many leadership terms it has begun; it returns the
+// function that counts a new term.
+func NewReplicaGauges(reg prometheus.Registerer, leader func() bool) (func(), error) {
+	lead := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "replica_leader",
+		Help: "1 while this control-plane replica is the elected leader (runs placement retries, expiry, failover TTLs, drains and audit checkpoints), else 0.",
+	}, func() float64 {
+		if leader() {
+			return 1
+		}
+		return 0
+	})
+	terms := prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "replica_leader_terms_total",
+		Help: "Leadership terms this control-plane replica has begun.",
+	})
+	for _, c := range []prometheus.Collector{lead, terms} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return terms.Inc, nil
+}

@@ -716,3 +716,61 @@ func (s *Etcd) Prefix() string { return s.opts.Prefix }
 
 // Client is the etcd client the store uses.
 func (s *Etcd) Client() *clientv3.Client { return s.cli }
+
+// Change is one committed write to a bucket, as WatchBucket reports it.
+type Change struct {
+	Key string
+	// Value is the new value; nil when the key was deleted.
+	Value []byte
+	// Revision is the etcd revision of the commit.
+	Revision int64
+}
+
+// WatchBucket calls fn with every write committed to bucket after this
+// call, by any process sharing the store, in commit order, until ctx ends.
+// It resumes after a broken watch from the last revision it delivered; if
+// etcd compacted past that revision (changes were lost), it returns an
+// error wrapping rpctypes.ErrCompacted and the caller resynchronises from
+// a fresh read. A replica uses it to learn of changes other replicas made.
+func (s *Etcd) WatchBucket(ctx context.Context, bucket string, fn func(Change)) error {
+	if !knownBucket(bucket) {
+		return fmt.Errorf("%w: %s", ErrUnknownBucket, bucket)
+	}
+	prefix := s.bucketPrefix(bucket)
+	// The revision after which changes are delivered: the store's current
+	// one, so nothing committed after the call is missed.
+	resp, err := s.cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return fmt.Errorf("watch %s: %w", bucket, err)
+	}
+	next := resp.Header.Revision + 1
+	for {
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		wch := s.cli.Watch(wctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(next))
+		for wr := range wch {
+			if err := wr.Err(); err != nil {
+				cancel()
+				if errors.Is(err, rpctypes.ErrCompacted) {
+					return fmt.Errorf("watch %s from revision %d: %w", bucket, next, err)
+				}
+				break // resume from next
+			}
+			for _, ev := range wr.Events {
+				c := Change{Key: strings.TrimPrefix(string(ev.Kv.Key), prefix), Revision: ev.Kv.ModRevision}
+				if ev.Type == mvccpb.PUT {
+					c.Value = bytes.Clone(ev.Kv.Value)
+				}
+				fn(c)
+				next = ev.Kv.ModRevision + 1
+			}
+		}
+		cancel()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.closed:
+			return errClosed
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

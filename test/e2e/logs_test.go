@@ -132,7 +132,7 @@ func runLogsAgent(t *testing.T, cp *logsControlPlane, logDir string) {
 	}
 	inv := &nodev1.Inventory{Gpus: []*nodev1.Gpu{{Index: 0, Uuid: "GPU-11111111-2222-4333-8444-555555555555", Model: "NVIDIA H200", PciDeviceId: 0x2335, MigCapable: true, MigEnabled: true}}}
 	c := session.New(session.Options{
-		Address: cp.addr, Node: "node-a", AgentVersion: "e2e",
+		Addresses: []string{cp.addr}, Node: "node-a", AgentVersion: "e2e",
 		Creds:     identity.ClientCredentials(src, tlsconfig.AuthorizeID(identity.ControlPlaneID(cp.pki.TrustDomain))),
 		Executor:  agentlease.New(agentlease.Options{Journal: j}),
 		Journal:   j,

@@ -22,6 +22,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/gpu/sim"
 	"github.com/gpuaas/gpuaas/agent/partition"
 	"github.com/gpuaas/gpuaas/pkg/attestation"
+	"github.com/gpuaas/gpuaas/pkg/endpoint"
 	agentv1 "github.com/gpuaas/gpuaas/proto/gpuaas/agent/v1"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
@@ -119,13 +120,18 @@ func (a *Agent) run(ctx context.Context) {
 		}
 		return c, err
 	}
-	var err error
-	a.conn, err = grpc.NewClient(a.f.o.Addr,
+	addrs, err := endpoint.Parse(a.f.o.Addr)
+	if err != nil {
+		a.err = err
+		return
+	}
+	target, opts := endpoint.Target(addrs)
+	a.conn, err = grpc.NewClient(target, append(opts,
 		grpc.WithTransportCredentials(a.f.creds(a.svid)),
 		grpc.WithContextDialer(dial),
 		// Small buffers: the simulator holds thousands of connections.
 		grpc.WithReadBufferSize(8<<10), grpc.WithWriteBufferSize(8<<10),
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))...)
 	if err != nil {
 		a.err = fmt.Errorf("dial: %w", err)
 		return

@@ -91,6 +91,13 @@ type ControlPlaneOptions struct {
 	// NoFile is the RLIMIT_NOFILE the process is given (default 65536, or
 	// the most this process may set).
 	NoFile uint64
+	// Replicas of one control plane share a PKI, an audit signing key and
+	// an etcd store: Shared, if set, is the first replica, whose PKI and
+	// key this one uses; Etcd (endpoint and prefix) selects the etcd
+	// backend; ReplicaTTL is the replica lease TTL.
+	Shared                   *ControlPlane
+	EtcdEndpoint, EtcdPrefix string
+	ReplicaTTL               time.Duration
 }
 
 // ControlPlane is a running control plane process.
@@ -109,6 +116,7 @@ type ControlPlane struct {
 
 	closeOnce sync.Once
 	op        *identity.FileSource
+	auditKey  string
 }
 
 // AgentSHA256 is the agent binary digest every simulated agent reports and
@@ -138,17 +146,22 @@ func StartControlPlane(ctx context.Context, o ControlPlaneOptions) (_ *ControlPl
 		o.NoFile = 1 << 16
 	}
 	cp := &ControlPlane{Liveness: o.Liveness, LogPath: filepath.Join(o.Dir, "controlplane.log"), done: make(chan struct{})}
-	if cp.PKI, err = identity.WriteDevPKI(filepath.Join(o.Dir, "pki"), identity.DevPKIOptions{TrustDomain: TrustDomain, Operators: []string{Operator}}); err != nil {
-		return nil, fmt.Errorf("start control plane: %w", err)
+	if o.Shared != nil {
+		cp.PKI, cp.auditKey = o.Shared.PKI, o.Shared.auditKey
+	} else {
+		if cp.PKI, err = identity.WriteDevPKI(filepath.Join(o.Dir, "pki"), identity.DevPKIOptions{TrustDomain: TrustDomain, Operators: []string{Operator}}); err != nil {
+			return nil, fmt.Errorf("start control plane: %w", err)
+		}
+		skey, _, err := auditlog.GenerateKey(TrustDomain + "/audit")
+		if err != nil {
+			return nil, fmt.Errorf("start control plane: audit key: %w", err)
+		}
+		cp.auditKey = filepath.Join(o.Dir, "pki", "audit-signing.key")
+		if err := os.WriteFile(cp.auditKey, []byte(skey+"\n"), 0o600); err != nil {
+			return nil, fmt.Errorf("start control plane: %w", err)
+		}
 	}
-	skey, _, err := auditlog.GenerateKey(TrustDomain + "/audit")
-	if err != nil {
-		return nil, fmt.Errorf("start control plane: audit key: %w", err)
-	}
-	auditKey := filepath.Join(o.Dir, "pki", "audit-signing.key")
-	if err := os.WriteFile(auditKey, []byte(skey+"\n"), 0o600); err != nil {
-		return nil, fmt.Errorf("start control plane: %w", err)
-	}
+	auditKey := cp.auditKey
 	policy := &attestation.Policy{AllowedAgentSHA256: []string{AgentSHA256}, AllowedDriverVersions: []string{driverVersion},
 		RequiredFences: []string{"device", "egress"}, MaxAge: attestation.Duration(o.AttestationMaxAge)}
 	raw, err := json.MarshalIndent(policy, "", "  ")
@@ -178,6 +191,12 @@ func StartControlPlane(ctx context.Context, o ControlPlaneOptions) (_ *ControlPl
 	liveYAML := ""
 	if live.Len() > 0 {
 		liveYAML = "liveness:\n" + live.String()
+	}
+	if o.EtcdEndpoint != "" {
+		liveYAML += fmt.Sprintf("store:\n  backend: etcd\n  etcd: {endpoints: [%q], prefix: %q}\n", o.EtcdEndpoint, o.EtcdPrefix)
+		if o.ReplicaTTL > 0 {
+			liveYAML += fmt.Sprintf("replica: {ttl: %s}\n", o.ReplicaTTL)
+		}
 	}
 	// The operator client's rate is unbounded; each agent is its own
 	// identity, so the identity table must hold the whole fleet.

@@ -21,7 +21,8 @@ import (
 
 // Options configure a fleet.
 type Options struct {
-	// Addr is the control plane's gRPC address and CA the development CA
+	// Addr is the control plane's gRPC address (several, of replicas,
+	// separated by commas) and CA the development CA
 	// its trust bundle holds (DevPKI.CA). Required.
 	Addr string
 	CA   *identity.CA

@@ -41,6 +41,7 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/auditsig"
 	"github.com/gpuaas/gpuaas/pkg/config"
+	"github.com/gpuaas/gpuaas/pkg/endpoint"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/mig"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
@@ -57,7 +58,10 @@ var version = "dev"
 // Config is the agent's configuration file.
 type Config struct {
 	// Node is this host's node name; it must match the SVID.
-	Node         string      `yaml:"node"`
+	Node string `yaml:"node"`
+	// ControlPlane is the control plane's host:port, or its replicas'
+	// addresses separated by commas (the agent uses the first that
+	// answers and fails over to the others).
 	ControlPlane string      `yaml:"control_plane"`
 	TrustDomain  string      `yaml:"trust_domain"`
 	SVID         config.SVID `yaml:"svid"`
@@ -165,11 +169,12 @@ type Config struct {
 	StopGrace     config.Duration `yaml:"stop_grace"`
 	Log           config.Log      `yaml:"log"`
 
-	td        spiffeid.TrustDomain
-	level     slog.Level
-	path      string // the file it was loaded from, hashed into attestation reports
-	sealer    *seal.Keyring
-	migParted *mig.MigPartedConfig
+	controlPlanes []string
+	td            spiffeid.TrustDomain
+	level         slog.Level
+	path          string // the file it was loaded from, hashed into attestation reports
+	sealer        *seal.Keyring
+	migParted     *mig.MigPartedConfig
 }
 
 // Validate implements config.Validator.
@@ -201,9 +206,11 @@ func (c *Config) Validate() error {
 			return config.FieldError(fmt.Sprintf("attestation.pcrs[%d]", i), "must be between 0 and %d", attestation.MaxPCR)
 		}
 	}
-	if _, _, err := net.SplitHostPort(c.ControlPlane); err != nil {
-		return config.FieldError("control_plane", "must be host:port: %v", err)
+	cps, err := endpoint.Parse(c.ControlPlane)
+	if err != nil {
+		return config.FieldError("control_plane", "must be host:port, or several separated by commas: %v", err)
 	}
+	c.controlPlanes = cps
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
 	if err != nil {
 		return config.FieldError("trust_domain", "%v", err)
@@ -640,7 +647,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			defer enf.Close()
 			opts.Fencer = enf
 			fencerP.Store(enf)
-			if opts.BaseDeny, err = baseDeny(cfg.ControlPlane, leaseSubnet(cfg)...); err != nil {
+			if opts.BaseDeny, err = baseDeny(cfg.controlPlanes, leaseSubnet(cfg)...); err != nil {
 				return err
 			}
 			go auditDenials(ctx, enf, j, metrics, log)
@@ -683,7 +690,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}()
 	cpID := identity.ControlPlaneID(cfg.td)
 	client := session.New(session.Options{
-		Address: cfg.ControlPlane, Node: cfg.Node, AgentVersion: version,
+		Addresses: cfg.controlPlanes, Node: cfg.Node, AgentVersion: version,
 		Creds:    identity.ClientCredentials(src, tlsconfig.AuthorizeID(cpID)),
 		Executor: exec, Journal: j, Logger: log,
 		Logs:      session.FileLogs{Dir: logDir},
@@ -766,21 +773,23 @@ func newBackend(cfg *Config) (gpu.Backend, error) {
 // baseDeny is every lease's egress deny list: the default list (metadata,
 // private and special ranges), the host's own addresses and the control
 // plane's.
-func baseDeny(controlPlane string, extra ...netip.Prefix) ([]netip.Prefix, error) {
+func baseDeny(controlPlanes []string, extra ...netip.Prefix) ([]netip.Prefix, error) {
 	deny := append(isolation.DefaultDenyPrefixes(), extra...)
 	host, err := isolation.HostAddresses()
 	if err != nil {
 		return nil, fmt.Errorf("host addresses: %w", err)
 	}
 	deny = append(deny, host...)
-	h, _, _ := net.SplitHostPort(controlPlane)
-	addrs, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", h)
-	if err != nil {
-		return nil, fmt.Errorf("resolve control plane %s: %w", h, err)
-	}
-	for _, a := range addrs {
-		a = a.Unmap()
-		deny = append(deny, netip.PrefixFrom(a, a.BitLen()))
+	for _, cp := range controlPlanes {
+		h, _, _ := net.SplitHostPort(cp)
+		addrs, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", h)
+		if err != nil {
+			return nil, fmt.Errorf("resolve control plane %s: %w", h, err)
+		}
+		for _, a := range addrs {
+			a = a.Unmap()
+			deny = append(deny, netip.PrefixFrom(a, a.BitLen()))
+		}
 	}
 	return deny, nil
 }

@@ -70,6 +70,8 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"unknown nested key": {strings.Replace(base, "mig_enabled", "mig", 1), "mig"},
 		"bad node":           {strings.Replace(base, "node-a", "Node_A", 1), "node"},
 		"bad control plane":  {strings.Replace(base, "cp:7443", "cp", 1), "control_plane"},
+		"bad replica list":   {strings.Replace(base, "cp:7443", "cp:7443,cp", 1), "control_plane"},
+		"repeated replica":   {strings.Replace(base, "cp:7443", "cp:7443, cp:7443", 1), "control_plane"},
 		"no gpus":            {strings.Replace(base, "[{model: H200, mig_enabled: true}]", "[]", 1), "gpu.sim.gpus"},
 		"bad backend":        {strings.Replace(base, "backend: sim", "backend: cuda", 1), "gpu.backend"},
 		"sim gpus on nvml":   {strings.Replace(base, "backend: sim", "backend: nvml", 1), "gpu.sim"},

@@ -74,6 +74,9 @@ type Config struct {
 	// (pkg/seal; `gpuaasctl secrets keygen`); without it they are stored
 	// in plain text, protected by file permissions only (a warning).
 	Secrets SecretsConfig `yaml:"secrets"`
+	// Replica is this control plane's part in replicated mode (etcd
+	// backend only).
+	Replica ReplicaConfig `yaml:"replica"`
 
 	td        spiffeid.TrustDomain
 	operators []spiffeid.ID
@@ -126,6 +129,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	if err := c.Store.Validate(); err != nil {
+		return err
+	}
+	if err := c.Replica.validate(c.Store); err != nil {
 		return err
 	}
 	if err := c.Liveness.validate(); err != nil {
@@ -415,11 +421,34 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	nodev1.RegisterNodeServiceServer(srv, &api.NodeServer{Fleet: fl, Leases: leases, Attest: attest})
 	auditv1.RegisterAuditLogServiceServer(srv, &api.AuditLogServer{Store: st})
 
-	stopAudit, err := startAudit(ctx, cfg, st, src, reg, log)
-	if err != nil {
-		return err
+	// Placement retries, expiry and audit checkpoints run here, or with
+	// the etcd backend only while this replica leads.
+	var fatal <-chan error
+	if es, ok := raw.(*store.Etcd); ok {
+		rep, f, err := runReplicated(ctx, cfg, es, fl, leases, reg, log, func(lctx context.Context) error {
+			scoped := &scopedRegisterer{Registerer: reg}
+			defer scoped.unregisterAll()
+			stopAudit, err := startAudit(lctx, cfg, st, src, scoped, log)
+			if err != nil {
+				return err
+			}
+			defer stopAudit()
+			leases.Run(lctx, cfg.TickInterval.D())
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		defer rep.Close()
+		fatal = f
+	} else {
+		stopAudit, err := startAudit(ctx, cfg, st, src, reg, log)
+		if err != nil {
+			return err
+		}
+		defer stopAudit()
+		go leases.Run(ctx, cfg.TickInterval.D())
 	}
-	defer stopAudit()
 
 	var serving atomic.Bool
 	storeAlive := func(ctx context.Context) error {
@@ -442,7 +471,6 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
-	go leases.Run(ctx, cfg.TickInterval.D())
 	go fl.RunLiveness(ctx, time.Second)
 	// The watchdog is fed by a loop that proves the store still answers:
 	// a wedged store (or process) stops the pings and systemd restarts us.
@@ -475,6 +503,9 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		if err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			return err
 		}
+	case err := <-fatal:
+		srv.Stop()
+		return fmt.Errorf("leader work: %w", err)
 	}
 	serving.Store(false)
 	sdnotify.Stopping()

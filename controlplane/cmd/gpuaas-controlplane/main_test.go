@@ -95,6 +95,7 @@ func TestStartAuditSignsAtStart(t *testing.T) {
 
 func TestBadConfigNamesTheKey(t *testing.T) {
 	base := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\nattestation: {disabled: true}\n"
+	const etcd = "store: {backend: etcd, etcd: {endpoints: [\"127.0.0.1:2379\"], prefix: /gpuaas/x/}}\n"
 	cases := map[string]struct{ body, key string }{
 		"unknown key":      {base + "listne: x\n", "listne"},
 		"bad listen":       {strings.Replace(base, "127.0.0.1:7443", "nowhere", 1), "listen"},
@@ -114,6 +115,9 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"forward sink id":  {base + "audit: {signing_key: /k, forward: {address: \"s:1\", sink_id: sink}}\n", "audit.forward.sink_id"},
 		"forward batch":    {base + "audit: {signing_key: /k, checkpoint_every: 100, forward: {address: \"s:1\", sink_id: \"spiffe://example.org/sink\", max_batch: 10}}\n", "audit.forward.max_batch"},
 		"metrics listen":   {base + "metrics_listen: nowhere\n", "metrics_listen"},
+		"replica on bbolt": {base + "replica: {id: cp-1}\n", "replica"},
+		"replica id":       {base + etcd + "replica: {id: \"cp 1\"}\n", "replica.id"},
+		"replica ttl":      {base + etcd + "replica: {ttl: 1s}\n", "replica.ttl"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
