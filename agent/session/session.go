@@ -102,6 +102,9 @@ type Status struct {
 	LastError     string    `json:"last_error,omitempty"`
 	LastErrorTime time.Time `json:"last_error_time,omitzero"`
 	Reconnects    uint64    `json:"reconnects"`
+	// HeartbeatInterval is the interval the control plane last asked for
+	// (zero: the configured one is in use).
+	HeartbeatInterval time.Duration `json:"heartbeat_interval,omitempty"`
 	// Challenge is the last attestation challenge handled, Telemetry the
 	// last signed telemetry report sent.
 	Challenge ChallengeStatus `json:"challenge"`
@@ -183,6 +186,12 @@ func telemetrySequence(r *agentv1.TelemetryReport) uint64 {
 
 // telemetrySequenceField is TelemetryPayload.sequence's field number.
 var telemetrySequenceField = (&agentv1.TelemetryPayload{}).ProtoReflect().Descriptor().Fields().ByName("sequence").Number()
+
+// The heartbeat intervals an agent accepts from the control plane.
+const (
+	minHeartbeat = time.Second
+	maxHeartbeat = 10 * time.Minute
+)
 
 // New returns a client.
 func New(o Options) *Client {
@@ -295,7 +304,8 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 	logsOpen := 0
 	logDone := make(chan struct{}, maxLogRequests)
 
-	heartbeat := time.NewTicker(c.o.Heartbeat)
+	interval := c.o.Heartbeat
+	heartbeat := time.NewTicker(interval)
 	defer heartbeat.Stop()
 	report := time.NewTicker(c.o.Report)
 	defer report.Stop()
@@ -374,6 +384,15 @@ func (c *Client) session(ctx context.Context, client agentv1.AgentServiceClient)
 			switch msg := m.GetMsg().(type) {
 			case *agentv1.SessionResponse_Desired:
 				c.o.Logger.Debug("desired state", "generation", msg.Desired.GetGeneration(), "leases", len(msg.Desired.GetLeases()))
+				if hb := msg.Desired.GetHeartbeatInterval(); hb != nil {
+					d := min(max(hb.AsDuration(), minHeartbeat), maxHeartbeat)
+					if d != interval {
+						c.o.Logger.Info("heartbeat interval set by the control plane", "interval", d)
+						interval = d
+						heartbeat.Reset(d)
+						c.update(func(st *Status) { st.HeartbeatInterval = d })
+					}
+				}
 				if err := c.o.Executor.SetDesired(msg.Desired); err != nil {
 					return err
 				}

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/fleet"
@@ -216,6 +217,9 @@ func (s *AgentServer) Session(stream agentv1.AgentService_SessionServer) error {
 			return nil
 		}
 		sentGen = ds.GetGeneration()
+		// The TTL grows with the fleet: tell the agent how often to beat,
+		// and time this session by what it was told.
+		ds.HeartbeatInterval = durationpb.New(s.Fleet.Advertise(sess))
 		if s.Attest != nil {
 			s.Attest.SetPlaced(node, ds.GetLeases())
 		}

@@ -2,6 +2,8 @@ package api
 
 import (
 	"context"
+	"encoding/base64"
+	"strings"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -22,17 +24,47 @@ type NodeServer struct {
 	Attest *fleet.Attestor
 }
 
-func (s *NodeServer) ListNodes(ctx context.Context, _ *nodev1.ListNodesRequest) (*nodev1.ListNodesResponse, error) {
+// ListNodes pages through the nodes in id order: a page of the default
+// size stays far below gRPC's message limit however large the fleet.
+func (s *NodeServer) ListNodes(ctx context.Context, req *nodev1.ListNodesRequest) (*nodev1.ListNodesResponse, error) {
+	size := int(req.GetPageSize())
+	switch {
+	case size < 0 || size > maxNodesPage:
+		return nil, errs.InvalidArgument("page_size", "must be 0-%d", maxNodesPage)
+	case size == 0:
+		size = defaultNodesPage
+	}
+	after := ""
+	if t := req.GetPageToken(); t != "" {
+		raw, err := base64.RawURLEncoding.DecodeString(t)
+		id, ok := strings.CutPrefix(string(raw), nodesTokenPrefix)
+		if err != nil || !ok || !lease.ValidName(id) {
+			return nil, errs.InvalidArgument("page_token", "is not a token from a previous response")
+		}
+		after = id
+	}
 	live, err := s.Leases.LiveLeases(ctx)
 	if err != nil {
 		return nil, err
 	}
-	nodes, err := s.Fleet.Nodes(ctx, live)
+	nodes, more, err := s.Fleet.NodesPage(ctx, after, size, live)
 	if err != nil {
 		return nil, err
 	}
-	return &nodev1.ListNodesResponse{Nodes: nodes}, nil
+	resp := &nodev1.ListNodesResponse{Nodes: nodes}
+	if more && len(nodes) > 0 {
+		resp.NextPageToken = base64.RawURLEncoding.EncodeToString([]byte(nodesTokenPrefix + nodes[len(nodes)-1].GetId()))
+	}
+	return resp, nil
 }
+
+// ListNodes page sizes, and the page token: the last id sent, so a page is
+// stable while nodes join.
+const (
+	defaultNodesPage = 500
+	maxNodesPage     = 1000
+	nodesTokenPrefix = "after:"
+)
 
 func (s *NodeServer) GetNode(ctx context.Context, req *nodev1.GetNodeRequest) (*nodev1.GetNodeResponse, error) {
 	if !lease.ValidName(req.GetId()) {

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -45,6 +46,9 @@ type Session struct {
 	Wake chan struct{}
 	// Replaced is closed when a newer session for the same node takes over.
 	Replaced chan struct{}
+	// advertised is the heartbeat interval last sent to the agent
+	// (Advertise); its deadline is never shorter than two of them.
+	advertised atomic.Int64
 }
 
 // Registry is the set of nodes and their sessions.
@@ -325,13 +329,20 @@ func (r *Registry) Notify(node string) {
 // Nodes lists every node ever seen, with live session and capacity; live
 // is every live lease.
 func (r *Registry) Nodes(ctx context.Context, live []*leasev1.Lease) ([]*nodev1.Node, error) {
-	return r.describe(ctx, "", live)
+	ns, _, err := r.NodesPage(ctx, "", 0, live)
+	return ns, err
+}
+
+// NodesPage is one page of Nodes: at most limit nodes (0: every one) whose
+// ids sort after after, in id order, and whether more follow.
+func (r *Registry) NodesPage(ctx context.Context, after string, limit int, live []*leasev1.Lease) ([]*nodev1.Node, bool, error) {
+	return r.describe(ctx, "", after, limit, live)
 }
 
 // Node returns one node; live holds (at least) the live leases placed on
 // it. It reads only that node.
 func (r *Registry) Node(ctx context.Context, id string, live []*leasev1.Lease) (*nodev1.Node, error) {
-	ns, err := r.describe(ctx, id, live)
+	ns, _, err := r.describe(ctx, id, "", 0, live)
 	if err != nil {
 		return nil, err
 	}
@@ -341,9 +352,11 @@ func (r *Registry) Node(ctx context.Context, id string, live []*leasev1.Lease) (
 	return ns[0], nil
 }
 
-// describe builds the view of every node, or of node only.
-func (r *Registry) describe(ctx context.Context, only string, live []*leasev1.Lease) ([]*nodev1.Node, error) {
+// describe builds the view of node only, or of at most limit nodes (0:
+// all) after after, and says whether more follow.
+func (r *Registry) describe(ctx context.Context, only, after string, limit int, live []*leasev1.Lease) ([]*nodev1.Node, bool, error) {
 	var out []*nodev1.Node
+	more := false
 	decode := func(v []byte) error {
 		n := &nodev1.Node{}
 		if err := proto.Unmarshal(v, n); err != nil {
@@ -363,10 +376,21 @@ func (r *Registry) describe(ctx context.Context, only string, live []*leasev1.Le
 			}
 			return decode(v)
 		}
-		return tx.Scan(store.BucketNodes, "", false, func(_ string, v []byte) error { return decode(v) })
+		more = false
+		out = out[:0]
+		return tx.Scan(store.BucketNodes, "", false, func(k string, v []byte) error {
+			if k <= after {
+				return nil
+			}
+			if limit > 0 && len(out) == limit {
+				more = true
+				return store.ErrStopScan
+			}
+			return decode(v)
+		})
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	r.mu.Lock()
 	for _, n := range out {
@@ -395,7 +419,7 @@ func (r *Registry) describe(ctx context.Context, only string, live []*leasev1.Le
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	for _, n := range out {
 		st := states[n.GetId()]
@@ -418,7 +442,7 @@ func (r *Registry) describe(ctx context.Context, only string, live []*leasev1.Le
 		n.Capacity = lease.Capacity(lease.NodeView{ID: n.GetId(), GPUs: n.GetInventory().GetGpus()}, mine)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].GetId() < out[j].GetId() })
-	return out, nil
+	return out, more, nil
 }
 
 // ErrReplaced is returned to a session superseded by a newer one.

@@ -133,10 +133,25 @@ func (r *Registry) fleetSizeLocked() int { return max(len(r.sessions), len(r.ha.
 // the TTL, so one lost heartbeat never kills a node.
 func (r *Registry) HeartbeatInterval() time.Duration { return r.HeartbeatTTL() / 2 }
 
+// Advertise returns the heartbeat interval to send s's agent now and
+// records it: until the agent is told otherwise, its node's deadline is at
+// least two such intervals (plus grace) after each heartbeat, so a fleet
+// that shrinks (a shorter TTL) never kills a node still beating at the
+// interval it was given.
+func (r *Registry) Advertise(s *Session) time.Duration {
+	d := r.HeartbeatInterval()
+	s.advertised.Store(int64(d))
+	return d
+}
+
 // touchLocked moves node's deadline to now + TTL + grace. Callers hold
 // r.mu.
 func (r *Registry) touchLocked(node string, now time.Time) {
-	r.deadline[node] = now.Add(r.live.TTL(r.fleetSizeLocked()) + r.live.Grace)
+	ttl := r.live.TTL(r.fleetSizeLocked())
+	if s := r.sessions[node]; s != nil {
+		ttl = max(ttl, 2*time.Duration(s.advertised.Load()))
+	}
+	r.deadline[node] = now.Add(ttl + r.live.Grace)
 }
 
 // restore gives every node the store knows and no session has claimed yet

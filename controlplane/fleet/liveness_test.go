@@ -305,3 +305,55 @@ func testACordonedNodeGetsNoNewLeases(t *testing.T) {
 		t.Fatalf("cordon not audited:\n%s", actions)
 	}
 }
+
+// A node is timed by the heartbeat interval it was told: when the fleet
+// shrinks (the TTL falls back to its minimum), a node still beating at
+// the longer interval it was given is not declared down.
+func TestANodeIsTimedByTheIntervalItWasTold(t *testing.T) {
+	ctx := context.Background()
+	clk := &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	live := fleet.Liveness{MinTTL: 10 * time.Second, MaxHeartbeatsPerSecond: 1, Grace: 5 * time.Second, FailoverTTL: time.Hour}
+	r := fleet.NewRegistry(openStore(t), fleet.Options{Now: clk.Now, Liveness: live})
+	var others []*fleet.Session
+	for i := range 39 {
+		others = append(others, connect(t, r, fmt.Sprint("node-", i), "spiffe://gpuaas.test/gpuaas/agent/"+fmt.Sprint("node-", i), "v1", inventory(fmt.Sprint("GPU-", i))))
+	}
+	a := connect(t, r, "node-a", peerA, "v1", inventory("GPU-a0"))
+	// 40 nodes at 1/s: TTL 40s, interval 20s.
+	if told := r.Advertise(a); told != 20*time.Second {
+		t.Fatalf("advertised %v, want 20s", told)
+	}
+	for _, s := range others {
+		r.Disconnect(ctx, s)
+	}
+	if r.HeartbeatTTL() != 10*time.Second {
+		t.Fatalf("TTL %v after the fleet shrank, want 10s", r.HeartbeatTTL())
+	}
+	if err := r.Seen(ctx, a, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Silent for 30s: past TTL + grace (15s), within two told intervals
+	// + grace (45s).
+	clk.Add(30 * time.Second)
+	down, err := r.Sweep(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range down {
+		if n == "node-a" {
+			t.Fatal("node-a, beating at the interval it was told, was declared down")
+		}
+	}
+	clk.Add(16 * time.Second)
+	down, err = r.Sweep(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, n := range down {
+		found = found || n == "node-a"
+	}
+	if !found {
+		t.Fatalf("node-a silent for two told intervals + grace: down %v", down)
+	}
+}

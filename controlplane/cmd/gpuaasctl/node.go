@@ -29,9 +29,17 @@ func nodeCmd(g *globals) *cobra.Command {
 				return err
 			}
 			defer done()
-			resp, err := c.ListNodes(ctx, &nodev1.ListNodesRequest{})
-			if err != nil {
-				return err
+			// Every page, in id order.
+			resp := &nodev1.ListNodesResponse{}
+			for token := ""; ; {
+				page, err := c.ListNodes(ctx, &nodev1.ListNodesRequest{PageToken: token})
+				if err != nil {
+					return err
+				}
+				resp.Nodes = append(resp.Nodes, page.GetNodes()...)
+				if token = page.GetNextPageToken(); token == "" {
+					break
+				}
 			}
 			if g.output == "json" {
 				return g.printJSON(resp)

@@ -372,10 +372,14 @@ func (x *Hello) GetInventory() *v1.Inventory {
 type DesiredState struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Increases with every change of the node's set.
-	Generation    uint64       `protobuf:"varint,1,opt,name=generation,proto3" json:"generation,omitempty"`
-	Leases        []*v11.Lease `protobuf:"bytes,2,rep,name=leases,proto3" json:"leases,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Generation uint64       `protobuf:"varint,1,opt,name=generation,proto3" json:"generation,omitempty"`
+	Leases     []*v11.Lease `protobuf:"bytes,2,rep,name=leases,proto3" json:"leases,omitempty"`
+	// How often the control plane wants a heartbeat: its TTL grows with the
+	// fleet, so a large fleet asks for fewer. Unset: the agent keeps its own
+	// interval. Agents clamp it to [1s, 10m].
+	HeartbeatInterval *durationpb.Duration `protobuf:"bytes,3,opt,name=heartbeat_interval,json=heartbeatInterval,proto3" json:"heartbeat_interval,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *DesiredState) Reset() {
@@ -418,6 +422,13 @@ func (x *DesiredState) GetGeneration() uint64 {
 func (x *DesiredState) GetLeases() []*v11.Lease {
 	if x != nil {
 		return x.Leases
+	}
+	return nil
+}
+
+func (x *DesiredState) GetHeartbeatInterval() *durationpb.Duration {
+	if x != nil {
+		return x.HeartbeatInterval
 	}
 	return nil
 }
@@ -1510,12 +1521,13 @@ const file_gpuaas_agent_v1_agent_proto_rawDesc = "" +
 	"\x05Hello\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12#\n" +
 	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\x127\n" +
-	"\tinventory\x18\x03 \x01(\v2\x19.gpuaas.node.v1.InventoryR\tinventory\"^\n" +
+	"\tinventory\x18\x03 \x01(\v2\x19.gpuaas.node.v1.InventoryR\tinventory\"\xa8\x01\n" +
 	"\fDesiredState\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x01 \x01(\x04R\n" +
 	"generation\x12.\n" +
-	"\x06leases\x18\x02 \x03(\v2\x16.gpuaas.lease.v1.LeaseR\x06leases\"\xcb\x01\n" +
+	"\x06leases\x18\x02 \x03(\v2\x16.gpuaas.lease.v1.LeaseR\x06leases\x12H\n" +
+	"\x12heartbeat_interval\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\"\xcb\x01\n" +
 	"\rObservedState\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12-\n" +
 	"\x12desired_generation\x18\x02 \x01(\x04R\x11desiredGeneration\x126\n" +
@@ -1663,10 +1675,10 @@ var file_gpuaas_agent_v1_agent_proto_goTypes = []any{
 	nil,                           // 17: gpuaas.agent.v1.AuditEvent.DetailsEntry
 	(*v1.Inventory)(nil),          // 18: gpuaas.node.v1.Inventory
 	(*v11.Lease)(nil),             // 19: gpuaas.lease.v1.Lease
-	(v11.Phase)(0),                // 20: gpuaas.lease.v1.Phase
-	(*v11.LeaseStatus)(nil),       // 21: gpuaas.lease.v1.LeaseStatus
-	(*timestamppb.Timestamp)(nil), // 22: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
+	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
+	(v11.Phase)(0),                // 21: gpuaas.lease.v1.Phase
+	(*v11.LeaseStatus)(nil),       // 22: gpuaas.lease.v1.LeaseStatus
+	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
 }
 var file_gpuaas_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: gpuaas.agent.v1.SessionRequest.hello:type_name -> gpuaas.agent.v1.Hello
@@ -1682,25 +1694,26 @@ var file_gpuaas_agent_v1_agent_proto_depIdxs = []int32{
 	12, // 10: gpuaas.agent.v1.SessionResponse.log_request:type_name -> gpuaas.agent.v1.LogRequest
 	18, // 11: gpuaas.agent.v1.Hello.inventory:type_name -> gpuaas.node.v1.Inventory
 	19, // 12: gpuaas.agent.v1.DesiredState.leases:type_name -> gpuaas.lease.v1.Lease
-	5,  // 13: gpuaas.agent.v1.ObservedState.leases:type_name -> gpuaas.agent.v1.ObservedLease
-	18, // 14: gpuaas.agent.v1.ObservedState.inventory:type_name -> gpuaas.node.v1.Inventory
-	20, // 15: gpuaas.agent.v1.ObservedLease.phase:type_name -> gpuaas.lease.v1.Phase
-	21, // 16: gpuaas.agent.v1.ObservedLease.status:type_name -> gpuaas.lease.v1.LeaseStatus
-	22, // 17: gpuaas.agent.v1.ObservedLease.update_time:type_name -> google.protobuf.Timestamp
-	22, // 18: gpuaas.agent.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	22, // 19: gpuaas.agent.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
-	17, // 20: gpuaas.agent.v1.AuditEvent.details:type_name -> gpuaas.agent.v1.AuditEvent.DetailsEntry
-	7,  // 21: gpuaas.agent.v1.AuditEvents.events:type_name -> gpuaas.agent.v1.AuditEvent
-	22, // 22: gpuaas.agent.v1.TelemetryPayload.time:type_name -> google.protobuf.Timestamp
-	23, // 23: gpuaas.agent.v1.TelemetryPayload.interval:type_name -> google.protobuf.Duration
-	16, // 24: gpuaas.agent.v1.TelemetryPayload.devices:type_name -> gpuaas.agent.v1.DeviceSample
-	0,  // 25: gpuaas.agent.v1.AgentService.Session:input_type -> gpuaas.agent.v1.SessionRequest
-	1,  // 26: gpuaas.agent.v1.AgentService.Session:output_type -> gpuaas.agent.v1.SessionResponse
-	26, // [26:27] is the sub-list for method output_type
-	25, // [25:26] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	20, // 13: gpuaas.agent.v1.DesiredState.heartbeat_interval:type_name -> google.protobuf.Duration
+	5,  // 14: gpuaas.agent.v1.ObservedState.leases:type_name -> gpuaas.agent.v1.ObservedLease
+	18, // 15: gpuaas.agent.v1.ObservedState.inventory:type_name -> gpuaas.node.v1.Inventory
+	21, // 16: gpuaas.agent.v1.ObservedLease.phase:type_name -> gpuaas.lease.v1.Phase
+	22, // 17: gpuaas.agent.v1.ObservedLease.status:type_name -> gpuaas.lease.v1.LeaseStatus
+	23, // 18: gpuaas.agent.v1.ObservedLease.update_time:type_name -> google.protobuf.Timestamp
+	23, // 19: gpuaas.agent.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	23, // 20: gpuaas.agent.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	17, // 21: gpuaas.agent.v1.AuditEvent.details:type_name -> gpuaas.agent.v1.AuditEvent.DetailsEntry
+	7,  // 22: gpuaas.agent.v1.AuditEvents.events:type_name -> gpuaas.agent.v1.AuditEvent
+	23, // 23: gpuaas.agent.v1.TelemetryPayload.time:type_name -> google.protobuf.Timestamp
+	20, // 24: gpuaas.agent.v1.TelemetryPayload.interval:type_name -> google.protobuf.Duration
+	16, // 25: gpuaas.agent.v1.TelemetryPayload.devices:type_name -> gpuaas.agent.v1.DeviceSample
+	0,  // 26: gpuaas.agent.v1.AgentService.Session:input_type -> gpuaas.agent.v1.SessionRequest
+	1,  // 27: gpuaas.agent.v1.AgentService.Session:output_type -> gpuaas.agent.v1.SessionResponse
+	27, // [27:28] is the sub-list for method output_type
+	26, // [26:27] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_gpuaas_agent_v1_agent_proto_init() }
