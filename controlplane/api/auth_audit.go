@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -27,9 +28,42 @@ const (
 	// UnauthenticatedActor is the actor of a refusal with no verified
 	// identity; the peer address is in the details.
 	UnauthenticatedActor = "unauthenticated"
-	// globalKey is the budget key shared by every identity.
-	globalKey = "*"
 )
+
+// denialKey is whose budget a refusal is charged to: the verified
+// identity, else the peer's IP address (kept as a netip.Addr, so charging
+// an unauthenticated refusal formats and allocates nothing), else the
+// peer's address as text; or the budget shared by everyone.
+type denialKey struct {
+	actor  string
+	addr   netip.Addr
+	other  string
+	global bool
+}
+
+var globalKey = denialKey{global: true}
+
+// peer is the peer address of an unauthenticated key, as text.
+func (k denialKey) peer() string {
+	if k.addr.IsValid() {
+		return k.addr.String()
+	}
+	return k.other
+}
+
+// peerKey is the budget key of an unauthenticated refusal on ctx.
+func peerKey(ctx context.Context) denialKey {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return denialKey{}
+	}
+	if tcp, ok := p.Addr.(*net.TCPAddr); ok {
+		if a, ok := netip.AddrFromSlice(tcp.IP); ok {
+			return denialKey{addr: a.Unmap()}
+		}
+	}
+	return denialKey{other: peerHost(ctx)}
+}
 
 // Denial audit defaults.
 const (
@@ -93,7 +127,7 @@ type DenialAuditor struct {
 	wake chan struct{}
 
 	mu      sync.Mutex
-	windows *lru[*denialWindow]
+	windows *lru[denialKey, *denialWindow]
 	pending []auditlog.Entry
 
 	writeMu    sync.Mutex
@@ -127,7 +161,7 @@ func NewDenialAuditor(st store.Store, o DenialOptions) *DenialAuditor {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	d := &DenialAuditor{st: st, o: o, wake: make(chan struct{}, 1)}
-	d.windows = newLRU[*denialWindow](o.MaxIdentities, func(key string, w *denialWindow) {
+	d.windows = newLRU[denialKey, *denialWindow](o.MaxIdentities, func(key denialKey, w *denialWindow) {
 		// Called with d.mu held, from add.
 		d.summarizeLocked(key, w)
 	})
@@ -152,12 +186,24 @@ func peerHost(ctx context.Context) string {
 // everyone is over budget this window, in which case it is counted. It
 // never blocks and never touches the store.
 func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
-	if x.Peer == "" {
-		x.Peer = peerHost(ctx)
+	// The budget is charged before anything is formatted: a refusal over
+	// budget (a flood) costs a clock read and two map lookups.
+	var key denialKey
+	actor := x.Actor
+	switch {
+	case actor != "":
+		key.actor = actor
+	case x.Peer != "":
+		if a, err := netip.ParseAddr(x.Peer); err == nil {
+			key.addr = a.Unmap()
+		} else {
+			key.other = x.Peer
+		}
+	default:
+		key = peerKey(ctx)
 	}
-	actor, key := x.Actor, x.Actor
 	if actor == "" {
-		actor, key = UnauthenticatedActor, "peer:"+x.Peer
+		actor = UnauthenticatedActor
 	}
 	now := d.o.Now()
 	d.mu.Lock()
@@ -168,6 +214,13 @@ func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
 		return
 	}
 	d.mu.Unlock()
+	if x.Peer == "" {
+		if x.Actor == "" {
+			x.Peer = key.peer()
+		} else {
+			x.Peer = peerHost(ctx)
+		}
+	}
 	reason := x.Reason
 	if reason == "" {
 		reason = errs.ReasonOf(x.Err)
@@ -195,7 +248,7 @@ func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
 
 // admitLocked charges one refusal to key's window; false if over budget
 // (then it is counted as suppressed there).
-func (d *DenialAuditor) admitLocked(key, actor string, now time.Time) bool {
+func (d *DenialAuditor) admitLocked(key denialKey, actor string, now time.Time) bool {
 	limit := d.o.PerIdentity
 	if key == globalKey {
 		limit = d.o.MaxPerWindow
@@ -218,7 +271,7 @@ func (d *DenialAuditor) admitLocked(key, actor string, now time.Time) bool {
 }
 
 // summarizeLocked queues the suppressed count of a window and resets it.
-func (d *DenialAuditor) summarizeLocked(key string, w *denialWindow) {
+func (d *DenialAuditor) summarizeLocked(key denialKey, w *denialWindow) {
 	if w.suppressed == 0 {
 		return
 	}
@@ -227,8 +280,10 @@ func (d *DenialAuditor) summarizeLocked(key string, w *denialWindow) {
 		actor = "*"
 	}
 	details := map[string]string{"suppressed": strconv.Itoa(w.suppressed), "window_start": w.start.UTC().Format(time.RFC3339)}
-	if len(key) > 5 && key[:5] == "peer:" {
-		details["peer"] = key[5:]
+	if key.actor == "" && !key.global {
+		if p := key.peer(); p != "" {
+			details["peer"] = p
+		}
 	}
 	// The summary itself bypasses the queue bound: there is at most one
 	// per identity and window.
@@ -261,7 +316,7 @@ func (d *DenialAuditor) summarizeEnded() {
 	now := d.o.Now()
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.windows.each(func(key string, w *denialWindow) {
+	d.windows.each(func(key denialKey, w *denialWindow) {
 		if now.Sub(w.start) >= d.o.Window {
 			d.summarizeLocked(key, w)
 		}
@@ -272,7 +327,7 @@ func (d *DenialAuditor) summarizeEnded() {
 // window, ended or not.
 func (d *DenialAuditor) Flush(ctx context.Context) error {
 	d.mu.Lock()
-	d.windows.each(func(key string, w *denialWindow) { d.summarizeLocked(key, w) })
+	d.windows.each(func(key denialKey, w *denialWindow) { d.summarizeLocked(key, w) })
 	d.mu.Unlock()
 	return d.write(ctx)
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpuaas/gpuaas/controlplane/lease"
@@ -21,8 +22,12 @@ import (
 // the transport decoded it, on the production path (the edge's unary
 // interceptor with a denial auditor and rate limiter, the sanitizing
 // logger at info level, LeaseServer on bbolt): refusing a call without
-// credentials versus serving an operator's. test/security's
-// BenchmarkRejectVsServe measures the same through a real gRPC server.
+// credentials versus serving an operator's. Both sides enter the
+// interceptor the same way a served call does: a peer (TLS, with or
+// without a client certificate), the incoming metadata every gRPC client
+// sends, and a server transport stream (so the request-id header is set
+// on both). test/security's BenchmarkRejectVsServe measures the same
+// through a real gRPC server.
 func BenchmarkEdgeRejectVsServe(b *testing.B) {
 	st := openStore(b)
 	td := spiffeid.RequireTrustDomainFromString("gpuaas.test")
@@ -52,7 +57,7 @@ func BenchmarkEdgeRejectVsServe(b *testing.B) {
 		name string
 		ctx  context.Context
 		ok   bool
-	}{{"reject-unauthenticated", noPeer(), false}, {"serve-GetLease", svidPeer(b, ca, opID), true}} {
+	}{{"reject-unauthenticated", servedCall(noPeer(), info.FullMethod), false}, {"serve-GetLease", servedCall(svidPeer(b, ca, opID), info.FullMethod), true}} {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
@@ -63,3 +68,23 @@ func BenchmarkEdgeRejectVsServe(b *testing.B) {
 		})
 	}
 }
+
+// servedCall is ctx as gRPC hands it to a unary interceptor: the headers
+// a grpc-go client sends, and a transport stream.
+func servedCall(ctx context.Context, method string) context.Context {
+	md := metadata.MD{
+		":authority":   {"controlplane.gpuaas.test:8443"},
+		"content-type": {"application/grpc"},
+		"user-agent":   {"grpc-go/1.79.0"},
+		"te":           {"trailers"},
+	}
+	return grpc.NewContextWithServerTransportStream(metadata.NewIncomingContext(ctx, md), &benchStream{method: method})
+}
+
+// benchStream is a grpc.ServerTransportStream that keeps nothing.
+type benchStream struct{ method string }
+
+func (s *benchStream) Method() string                  { return s.method }
+func (s *benchStream) SetHeader(metadata.MD) error     { return nil }
+func (s *benchStream) SendHeader(metadata.MD) error    { return nil }
+func (s *benchStream) SetTrailer(md metadata.MD) error { return nil }

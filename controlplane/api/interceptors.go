@@ -134,11 +134,9 @@ type refusal struct {
 // metadata; present is true when the caller sent an authorization header
 // at all (a malformed one is an error, not an absent one).
 func bearerToken(ctx context.Context) (token string, present bool, err error) {
-	md, ok := metadata.FromIncomingContext(ctx)
-	if !ok {
-		return "", false, nil
-	}
-	vals := md.Get("authorization")
+	// Not metadata.FromIncomingContext: that copies every header of the
+	// call, which a call without a token would pay for nothing.
+	vals := metadata.ValueFromIncomingContext(ctx, "authorization")
 	if len(vals) == 0 {
 		return "", false, nil
 	}
@@ -174,11 +172,11 @@ func (a Authorizer) authenticate(ctx context.Context, role Role) (authn.Principa
 		return p, nil
 	}
 	if !peerPresentedCert(ctx) {
-		return authn.Principal{}, &refusal{err: errNoCredentials}
+		return authn.Principal{}, noCredentialsRefusal
 	}
 	id, err := identity.PeerID(ctx)
 	if err != nil {
-		return authn.Principal{}, &refusal{err: errNoCredentials}
+		return authn.Principal{}, noCredentialsRefusal
 	}
 	p := authn.Principal{Kind: authn.KindSPIFFE, Subject: id.String()}
 	if id.TrustDomain() != a.TrustDomain {
@@ -199,6 +197,11 @@ func (a Authorizer) authenticate(ctx context.Context, role Role) (authn.Principa
 }
 
 var errNoCredentials = errs.New(errs.ErrUnauthenticated, "NO_CREDENTIALS", "a SPIFFE X.509 SVID or a bearer token is required")
+
+// noCredentialsRefusal is the refusal of every call without credentials,
+// shared (refusals are never modified): the same for every caller, and
+// refusing costs no allocation.
+var noCredentialsRefusal = &refusal{err: errNoCredentials}
 
 // peerPresentedCert is a cheap pre-check of identity.PeerID: false only
 // when the peer's TLS state certainly holds no certificate, so refusing a
@@ -437,17 +440,18 @@ var refusalLogs = rate.NewLimiter(20, 100)
 // refusing a call without credentials allocates next to nothing.
 var noCredentialsStatus = errs.ToStatus(errNoCredentials)
 
-// finish logs the call, records its outcome on its span and turns err
-// into its canonical status, which carries the call's request id. who is
-// the caller's verified identity, "" if none.
 // noCredentialsErr is the prebuilt refusal of a call without credentials.
 var noCredentialsErr = noCredentialsStatus.Err()
 
+// finish logs the call, records its outcome on its span and turns err
+// into its canonical status, which carries the call's request id. who is
+// the caller's verified identity, "" if none.
 func finish(ctx context.Context, log *slog.Logger, who, method string, start time.Time, err error) error {
 	reqID := RequestIDFrom(ctx)
 	if err == errNoCredentials { //nolint:errorlint // identity: the shared sentinel value
 		endCall(ctx, who, codes.Unauthenticated, errNoCredentials.Reason)
-		if refusalLogs.Allow() {
+		// The call's start time stands for now (no second clock read).
+		if refusalLogs.AllowN(start, 1) {
 			log.WarnContext(ctx, "rpc refused", "method", method, "code", codes.Unauthenticated.String(), "peer", who, "reason", errNoCredentials.Reason)
 		}
 		// The cheapest refusal: a prebuilt status (its request id went out

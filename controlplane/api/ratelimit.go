@@ -37,7 +37,7 @@ type RateLimiter struct {
 	now   func() time.Time
 
 	mu      sync.Mutex
-	buckets *lru[*rate.Limiter]
+	buckets *lru[string, *rate.Limiter]
 }
 
 // NewRateLimiter returns a limiter; zero options take the defaults.
@@ -54,7 +54,7 @@ func NewRateLimiter(o RateLimitOptions) *RateLimiter {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &RateLimiter{limit: rate.Limit(o.PerSecond), burst: o.Burst, now: o.Now, buckets: newLRU[*rate.Limiter](o.MaxIdentities, nil)}
+	return &RateLimiter{limit: rate.Limit(o.PerSecond), burst: o.Burst, now: o.Now, buckets: newLRU[string, *rate.Limiter](o.MaxIdentities, nil)}
 }
 
 // Allow takes one token from key's bucket. When the bucket is empty it
@@ -88,41 +88,41 @@ func (r *RateLimiter) Tracked() int {
 
 // lru is a map bounded to max entries that forgets the least recently
 // used one first. It is not safe for concurrent use.
-type lru[V any] struct {
+type lru[K comparable, V any] struct {
 	max     int
 	ll      *list.List
-	m       map[string]*list.Element
-	onEvict func(key string, v V)
+	m       map[K]*list.Element
+	onEvict func(key K, v V)
 }
 
-type lruEntry[V any] struct {
-	key string
+type lruEntry[K comparable, V any] struct {
+	key K
 	val V
 }
 
-func newLRU[V any](max int, onEvict func(string, V)) *lru[V] {
-	return &lru[V]{max: max, ll: list.New(), m: make(map[string]*list.Element), onEvict: onEvict}
+func newLRU[K comparable, V any](max int, onEvict func(K, V)) *lru[K, V] {
+	return &lru[K, V]{max: max, ll: list.New(), m: make(map[K]*list.Element), onEvict: onEvict}
 }
 
-func (l *lru[V]) get(key string) (V, bool) {
+func (l *lru[K, V]) get(key K) (V, bool) {
 	if e, ok := l.m[key]; ok {
 		l.ll.MoveToFront(e)
-		return e.Value.(*lruEntry[V]).val, true
+		return e.Value.(*lruEntry[K, V]).val, true
 	}
 	var zero V
 	return zero, false
 }
 
-func (l *lru[V]) add(key string, v V) {
+func (l *lru[K, V]) add(key K, v V) {
 	if e, ok := l.m[key]; ok {
-		e.Value.(*lruEntry[V]).val = v
+		e.Value.(*lruEntry[K, V]).val = v
 		l.ll.MoveToFront(e)
 		return
 	}
-	l.m[key] = l.ll.PushFront(&lruEntry[V]{key: key, val: v})
+	l.m[key] = l.ll.PushFront(&lruEntry[K, V]{key: key, val: v})
 	for l.ll.Len() > l.max {
 		oldest := l.ll.Back()
-		ent := oldest.Value.(*lruEntry[V])
+		ent := oldest.Value.(*lruEntry[K, V])
 		l.ll.Remove(oldest)
 		delete(l.m, ent.key)
 		if l.onEvict != nil {
@@ -131,12 +131,12 @@ func (l *lru[V]) add(key string, v V) {
 	}
 }
 
-func (l *lru[V]) len() int { return l.ll.Len() }
+func (l *lru[K, V]) len() int { return l.ll.Len() }
 
 // each calls fn for every entry, most recently used first.
-func (l *lru[V]) each(fn func(key string, v V)) {
+func (l *lru[K, V]) each(fn func(key K, v V)) {
 	for e := l.ll.Front(); e != nil; e = e.Next() {
-		ent := e.Value.(*lruEntry[V])
+		ent := e.Value.(*lruEntry[K, V])
 		fn(ent.key, ent.val)
 	}
 }

@@ -4,11 +4,14 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"path/filepath"
 	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc/peer"
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/controlplane/store"
@@ -166,5 +169,46 @@ func TestDenialAuditIsBudgetedOverall(t *testing.T) {
 	}
 	if s := d.Stats(); s.Suppressed != 480 {
 		t.Fatalf("stats = %+v", s)
+	}
+}
+
+// TestDenialAuditBudgetsAnUnauthenticatedPeerByAddress: refusals without a
+// verified identity are charged to the peer's IP address, however it
+// arrives (the gRPC peer, an IPv4-mapped IPv6 address, or Denial.Peer),
+// and the entries and the summary name that address.
+func TestDenialAuditBudgetsAnUnauthenticatedPeerByAddress(t *testing.T) {
+	st := openStore(t)
+	d := NewDenialAuditor(st, DenialOptions{PerIdentity: 2, MaxPerWindow: 1000, Now: newFakeClock().now})
+	noCreds := errs.New(errs.ErrUnauthenticated, "NO_CREDENTIALS", "no")
+	viaPeer := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.IPv4(192, 0, 2, 7), Port: 4000}})
+	mapped := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP("::ffff:192.0.2.7"), Port: 4001}})
+	other := peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{IP: net.ParseIP("2001:db8::1"), Port: 4002}})
+	for range 3 {
+		d.Record(viaPeer, Denial{Method: "/m", Err: noCreds})
+		d.Record(mapped, Denial{Method: "/m", Err: noCreds})
+		d.Record(context.Background(), Denial{Method: "/m", Err: noCreds, Peer: "192.0.2.7"})
+	}
+	d.Record(other, Denial{Method: "/m", Err: noCreds})
+	if err := d.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var singles []string
+	var summary auditlog.Entry
+	for _, e := range auditEntries(t, st) {
+		switch e.Action {
+		case ActionDenied:
+			if e.Actor != UnauthenticatedActor {
+				t.Fatalf("actor %q", e.Actor)
+			}
+			singles = append(singles, e.Details["peer"])
+		case ActionDeniedSuppressed:
+			summary = e
+		}
+	}
+	if fmt.Sprint(singles) != "[192.0.2.7 192.0.2.7 2001:db8::1]" {
+		t.Fatalf("single entries for peers %v, want two for 192.0.2.7 and one for 2001:db8::1", singles)
+	}
+	if summary.Details["peer"] != "192.0.2.7" || summary.Details["suppressed"] != "7" || summary.Actor != UnauthenticatedActor {
+		t.Fatalf("summary = %+v", summary)
 	}
 }

@@ -91,11 +91,8 @@ var (
 // incomingRequestID is the caller's request id if it sent exactly one
 // well-formed value.
 func incomingRequestID(ctx context.Context) (string, bool) {
-	md, ok := metadata.FromIncomingContext(ctx)
-	if !ok {
-		return "", false
-	}
-	v := md.Get(RequestIDHeader)
+	// Not FromIncomingContext: that copies every header of the call.
+	v := metadata.ValueFromIncomingContext(ctx, RequestIDHeader)
 	if len(v) != 1 || !ValidRequestID(v[0]) {
 		return "", false
 	}

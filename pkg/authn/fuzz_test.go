@@ -25,6 +25,12 @@ func FuzzVerify(f *testing.F) {
 		authntest.Raw(map[string]any{"alg": "none", "kid": "rsa-1"}, fx.claims(nil), nil),
 		authntest.HS256(map[string]any{"kid": "rsa-1"}, fx.claims(nil), fx.rsa.PublicPEM()),
 		"", ".", "..", "a.b.c", "eyJhbGciOiJSUzI1NiJ9..", "eyJ9.e30.",
+		// Signed tokens whose JSON is given byte for byte: escapes,
+		// duplicates, nesting, odd types (the member scanner's paths).
+		fx.ed.SignRaw(`{"alg":"EdDSA","kid":"ed-1"}`, `{"iss":"`+fx.idp.Issuer+`","aud":"gpuaas","sub":"a\u006c","exp":4102444800,"t\u0065nant":"acme","x":{"y":["}"]}}`),
+		fx.ed.SignRaw(`{"alg":"EdDSA","kid":"ed-1","kid":"ed-1"}`, `{"sub":"a"}`),
+		fx.ed.SignRaw(`{"alg":"EdDSA","kid":"ed-1"}`, `{"iss":"`+fx.idp.Issuer+`","aud":["gpuaas"],"sub":"a","sub":"b","exp":4102444800}`),
+		fx.ed.SignRaw(` {"kid" : "ed-1", "alg":"EdDSA"}`, `{"iss":"`+fx.idp.Issuer+`","aud":"gpuaas","sub":"a","exp":4102444800.5,"scp":["lease:read"],"scope":null}`),
 	} {
 		f.Add(s)
 	}

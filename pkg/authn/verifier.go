@@ -2,18 +2,19 @@ package authn
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
 	"crypto/sha256"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/http"
 	"slices"
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/gpuaas/gpuaas/pkg/errs"
 )
@@ -92,9 +93,9 @@ type Config struct {
 type Verifier struct {
 	cfg      Config
 	cache    *keyCache
-	parser   *jwt.Parser
 	algs     []string
 	verified *verifiedCache
+	headers  headerCache
 }
 
 // NewVerifier validates cfg and returns a Verifier. It fetches nothing:
@@ -171,16 +172,6 @@ func NewVerifier(cfg Config) (*Verifier, error) {
 	if cfg.VerifiedCacheSize > 0 {
 		v.verified = &verifiedCache{max: cfg.VerifiedCacheSize, m: map[[sha256.Size]byte]verifiedToken{}}
 	}
-	v.parser = jwt.NewParser(
-		jwt.WithValidMethods(v.algs),
-		jwt.WithIssuer(cfg.Issuer),
-		jwt.WithAudience(cfg.Audience),
-		jwt.WithLeeway(cfg.Leeway),
-		jwt.WithExpirationRequired(),
-		jwt.WithIssuedAt(),
-		jwt.WithTimeFunc(cfg.Now),
-		jwt.WithStrictDecoding(),
-	)
 	return v, nil
 }
 
@@ -204,16 +195,14 @@ func tokenError(reason, msg string, cause error) error {
 	return errs.Wrap(errs.ErrUnauthenticated, reason, msg, cause)
 }
 
-// header is the JOSE header fields we look at before the library does.
-type header struct {
-	Alg  string `json:"alg"`
-	Kid  string `json:"kid"`
-	Crit []any  `json:"crit"`
-}
-
 // Verify authenticates token and returns its principal. Every failure is
 // an errs.ErrUnauthenticated *errs.Error with a stable TOKEN_* reason
 // (JWKS_UNAVAILABLE, class Unavailable, when no keys can be had).
+//
+// The order: size; the verified-token cache; the header (algorithm
+// allowlist, no crit, a kid); the key, whose own algorithm must be the
+// header's; the signature over the signing input, with crypto/rsa,
+// crypto/ecdsa or crypto/ed25519; only then the claims.
 func (v *Verifier) Verify(ctx context.Context, token string) (Principal, error) {
 	if len(token) > MaxTokenBytes {
 		return Principal{}, tokenError("TOKEN_TOO_LARGE", "bearer token too large", nil)
@@ -225,45 +214,183 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Principal, error) 
 			return p, nil
 		}
 	}
-	h, err := parseHeader(token)
-	if err != nil {
-		return Principal{}, tokenError("TOKEN_MALFORMED", "bearer token is malformed", err)
+	headSeg, payloadSeg, sigSeg, signing, ok := splitJWS(token)
+	if !ok {
+		return Principal{}, tokenError("TOKEN_MALFORMED", "bearer token is malformed", errors.New("not a compact jws"))
 	}
-	if !slices.Contains(v.algs, h.Alg) {
-		return Principal{}, tokenError("TOKEN_ALG_NOT_ALLOWED", "bearer token algorithm is not allowed", fmt.Errorf("alg %q", truncate(h.Alg, 16)))
-	}
-	if h.Crit != nil {
-		return Principal{}, tokenError("TOKEN_MALFORMED", "bearer token has critical header extensions", nil)
-	}
-	if h.Kid == "" {
-		return Principal{}, tokenError("TOKEN_KID_MISSING", "bearer token has no key id", nil)
+	var buf [1024]byte
+	var fields [16]member
+	alg, kid, known := v.headers.get(headSeg)
+	if !known {
+		var err error
+		if alg, kid, err = v.header(buf[:], fields[:0], headSeg); err != nil {
+			return Principal{}, err
+		}
 	}
 	gen := v.cache.current()
-	key, err := v.cache.lookup(ctx, h.Kid)
+	key, err := v.cache.lookup(ctx, kid)
 	switch {
 	case errors.Is(err, ErrNoKeys):
 		return Principal{}, errs.Wrap(errs.ErrUnavailable, "JWKS_UNAVAILABLE", "token keys are unavailable", err)
 	case err != nil:
 		return Principal{}, tokenError("TOKEN_KID_UNKNOWN", "bearer token key id is unknown", err)
-	case key.alg != h.Alg:
-		return Principal{}, tokenError("TOKEN_ALG_NOT_ALLOWED", "bearer token algorithm does not match its key", fmt.Errorf("alg %s, key for %s", h.Alg, key.alg))
+	case key.alg != alg:
+		return Principal{}, tokenError("TOKEN_ALG_NOT_ALLOWED", "bearer token algorithm does not match its key", fmt.Errorf("alg %s, key for %s", alg, key.alg))
 	}
-	claims := jwt.MapClaims{}
-	_, err = v.parser.ParseWithClaims(token, claims, func(t *jwt.Token) (any, error) {
-		// The header the library parsed must be the one we checked.
-		if t.Method.Alg() != key.alg || t.Header["kid"] != h.Kid {
-			return nil, errors.New("header changed between parses")
-		}
-		return key.key, nil
-	})
+	sig, err := decodeSegment(buf[:], sigSeg)
 	if err != nil {
-		return Principal{}, classify(err)
+		return Principal{}, tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("signature: %w", err))
 	}
-	p, err := v.principal(claims)
+	if err := verifySignature(key, signing, sig); err != nil {
+		return Principal{}, tokenError("TOKEN_SIGNATURE_INVALID", "bearer token signature is invalid", err)
+	}
+	var claimBuf [2048]byte
+	payload, err := decodeSegment(claimBuf[:], payloadSeg)
+	if err != nil {
+		return Principal{}, tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("claims: %w", err))
+	}
+	var claimFields [32]member
+	p, err := v.claims(payload, claimFields[:0])
+	if err == nil && !known {
+		v.headers.put(headSeg, alg, kid)
+	}
 	if err == nil && v.verified != nil && gen != 0 && gen == v.cache.current() {
 		v.verified.put(sum, verifiedToken{p: p, gen: gen})
 	}
 	return p, err
+}
+
+// header reads and checks the protected header: alg in the allowlist (so
+// none and HMAC are refused before any key is looked up), no crit, a kid.
+func (v *Verifier) header(buf []byte, fields []member, seg string) (alg, kid string, err error) {
+	raw, err := decodeSegment(buf, seg)
+	if err != nil {
+		return "", "", tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("header: %w", err))
+	}
+	fields, err = objectMembers(raw, fields)
+	if err != nil {
+		return "", "", tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("header: %w", err))
+	}
+	var vals [3][]byte // alg, kid, crit
+	for _, f := range fields {
+		for i, name := range [...]string{"alg", "kid", "crit"} {
+			if !f.is(raw, name) {
+				continue
+			}
+			if vals[i] != nil {
+				return "", "", tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("header: duplicate %q", name))
+			}
+			vals[i] = raw[f.v0:f.v1]
+		}
+	}
+	algRaw, kidRaw, crit := vals[0], vals[1], vals[2] != nil
+	// The allowlist holds only the three accepted names; anything else,
+	// including a non-string alg, is refused here.
+	for _, a := range v.algs {
+		if algRaw != nil && equalString(algRaw, a) {
+			alg = a
+			break
+		}
+	}
+	if alg == "" {
+		shown := "<absent>"
+		if algRaw != nil {
+			shown = truncate(string(algRaw), 18)
+		}
+		return "", "", tokenError("TOKEN_ALG_NOT_ALLOWED", "bearer token algorithm is not allowed", fmt.Errorf("alg %s", shown))
+	}
+	if crit {
+		return "", "", tokenError("TOKEN_MALFORMED", "bearer token has critical header extensions", nil)
+	}
+	if kidRaw != nil && !isString(kidRaw) {
+		return "", "", tokenError("TOKEN_MALFORMED", "bearer token is malformed", errors.New("header: kid is not a string"))
+	}
+	if kidRaw != nil {
+		if kid, err = unquote(kidRaw); err != nil {
+			return "", "", tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("header: kid: %w", err))
+		}
+	}
+	if kid == "" {
+		return "", "", tokenError("TOKEN_KID_MISSING", "bearer token has no key id", nil)
+	}
+	return alg, kid, nil
+}
+
+// verifySignature checks sig over the signing input with key, by the
+// key's one algorithm (already checked equal to the header's).
+func verifySignature(key publicKey, signing string, sig []byte) error {
+	switch key.alg {
+	case AlgRS256:
+		pub, ok := key.key.(*rsa.PublicKey)
+		if !ok {
+			return errKeyType
+		}
+		digest := sha256.Sum256([]byte(signing))
+		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig)
+	case AlgES256:
+		pub, ok := key.key.(*ecdsa.PublicKey)
+		if !ok {
+			return errKeyType
+		}
+		// RFC 7518 section 3.4: R and S, 32 bytes each, big-endian.
+		if len(sig) != 64 {
+			return errBadSignature
+		}
+		digest := sha256.Sum256([]byte(signing))
+		r, s := new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])
+		if !ecdsa.Verify(pub, digest[:], r, s) {
+			return errBadSignature
+		}
+		return nil
+	case AlgEdDSA:
+		pub, ok := key.key.(ed25519.PublicKey)
+		if !ok {
+			return errKeyType
+		}
+		if len(sig) != ed25519.SignatureSize || !ed25519.Verify(pub, []byte(signing), sig) {
+			return errBadSignature
+		}
+		return nil
+	}
+	return errKeyType
+}
+
+var (
+	errKeyType      = errors.New("key type does not match its algorithm")
+	errBadSignature = errors.New("signature does not verify")
+)
+
+// headerCache remembers the protected headers (the encoded segment, as
+// sent) of tokens that verified, with the alg and kid read from them: an
+// identity provider signs every token of a key with the same header, so a
+// new token usually needs no header parsing. Only headers of verified
+// tokens enter (an attacker cannot fill it) and it is emptied when full.
+// The same bytes always parse to the same alg and kid, and the key, its
+// algorithm and the signature are still checked on every token.
+type headerCache struct {
+	mu sync.RWMutex
+	m  map[string]parsedHeader
+}
+
+type parsedHeader struct{ alg, kid string }
+
+const maxCachedHeaders = 64
+
+func (c *headerCache) get(seg string) (alg, kid string, ok bool) {
+	c.mu.RLock()
+	h, ok := c.m[seg]
+	c.mu.RUnlock()
+	return h.alg, h.kid, ok
+}
+
+func (c *headerCache) put(seg, alg, kid string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= maxCachedHeaders {
+		c.m = make(map[string]parsedHeader, maxCachedHeaders)
+	}
+	// A copy: seg points into the caller's token.
+	c.m[strings.Clone(seg)] = parsedHeader{alg: alg, kid: kid}
 }
 
 // verifiedToken is a token that passed every check against key set gen.
@@ -306,83 +433,141 @@ func (c *verifiedCache) put(sum [sha256.Size]byte, e verifiedToken) {
 	c.m[sum] = e
 }
 
-func classify(err error) error {
-	type rule struct {
-		class   error
-		reason  string
-		message string
-	}
-	for _, r := range []rule{
-		{jwt.ErrTokenMalformed, "TOKEN_MALFORMED", "bearer token is malformed"},
-		{jwt.ErrTokenSignatureInvalid, "TOKEN_SIGNATURE_INVALID", "bearer token signature is invalid"},
-		{jwt.ErrTokenUnverifiable, "TOKEN_SIGNATURE_INVALID", "bearer token cannot be verified"},
-		{jwt.ErrTokenExpired, "TOKEN_EXPIRED", "bearer token has expired"},
-		{jwt.ErrTokenNotValidYet, "TOKEN_NOT_YET_VALID", "bearer token is not valid yet"},
-		{jwt.ErrTokenUsedBeforeIssued, "TOKEN_ISSUED_IN_FUTURE", "bearer token is issued in the future"},
-		{jwt.ErrTokenInvalidIssuer, "TOKEN_ISSUER_INVALID", "bearer token issuer is not accepted"},
-		{jwt.ErrTokenInvalidAudience, "TOKEN_AUDIENCE_INVALID", "bearer token is not for this audience"},
-		{jwt.ErrTokenRequiredClaimMissing, "TOKEN_CLAIMS_INVALID", "bearer token lacks a required claim"},
-	} {
-		if errors.Is(err, r.class) {
-			return tokenError(r.reason, r.message, err)
-		}
-	}
-	return tokenError("TOKEN_INVALID", "bearer token is invalid", err)
+// Indexes of the claims Verify interprets.
+const (
+	cTenant = iota
+	cAdmin
+	cIss
+	cAud
+	cSub
+	cExp
+	cNbf
+	cIat
+	cScope
+	cScp
+	nClaims
+)
+
+// claimsOf are the claims Verify interprets, as raw JSON values (nil when
+// absent).
+type claimsOf struct {
+	iss, aud, sub, exp, nbf, iat, scope, scp, tenant, admin []byte
 }
 
-// parseHeader decodes the protected header of a compact JWS.
-func parseHeader(token string) (header, error) {
-	var h header
-	head, rest, ok := strings.Cut(token, ".")
-	if !ok || strings.Count(rest, ".") != 1 || head == "" {
-		return h, errors.New("not a compact jws")
-	}
-	raw, err := base64.RawURLEncoding.DecodeString(head)
+// claims checks the claims of a token whose signature verified and turns
+// them into a Principal. The checks and their reasons, in order of
+// precedence: exp (TOKEN_EXPIRED), nbf (TOKEN_NOT_YET_VALID), iat
+// (TOKEN_ISSUED_IN_FUTURE), iss (TOKEN_ISSUER_INVALID), aud
+// (TOKEN_AUDIENCE_INVALID), a required claim missing or of the wrong type
+// (TOKEN_CLAIMS_INVALID). exp, iss and aud are required.
+func (v *Verifier) claims(payload []byte, fields []member) (Principal, error) {
+	fields, err := objectMembers(payload, fields)
 	if err != nil {
-		return h, fmt.Errorf("header: %w", err)
+		return Principal{}, tokenError("TOKEN_MALFORMED", "bearer token is malformed", fmt.Errorf("claims: %w", err))
 	}
-	if err := json.Unmarshal(raw, &h); err != nil {
-		return h, fmt.Errorf("header: %w", err)
+	var vals [nClaims][]byte
+	names := [nClaims]string{cTenant: v.cfg.TenantClaim, cAdmin: v.cfg.AdminClaim, cIss: "iss", cAud: "aud", cSub: "sub",
+		cExp: "exp", cNbf: "nbf", cIat: "iat", cScope: "scope", cScp: "scp"}
+	for _, f := range fields {
+		// The configured tenant and admin claims may share a name with a
+		// registered one (the tenant in "aud", say): each is read apart.
+		for i, name := range names {
+			if name == "" || !f.is(payload, name) {
+				continue
+			}
+			if vals[i] != nil {
+				return Principal{}, tokenError("TOKEN_CLAIMS_INVALID", "bearer token repeats a claim", fmt.Errorf("duplicate %q", truncate(name, 64)))
+			}
+			vals[i] = payload[f.v0:f.v1]
+		}
 	}
-	return h, nil
+	c := claimsOf{tenant: vals[cTenant], admin: vals[cAdmin], iss: vals[cIss], aud: vals[cAud], sub: vals[cSub],
+		exp: vals[cExp], nbf: vals[cNbf], iat: vals[cIat], scope: vals[cScope], scp: vals[cScp]}
+	invalid := func(err error) (Principal, error) {
+		return Principal{}, tokenError("TOKEN_CLAIMS_INVALID", "bearer token claims are invalid", err)
+	}
+	exp, hasExp, err := numericDate(c.exp)
+	if err != nil {
+		return invalid(fmt.Errorf("exp: %w", err))
+	}
+	nbf, hasNbf, err := numericDate(c.nbf)
+	if err != nil {
+		return invalid(fmt.Errorf("nbf: %w", err))
+	}
+	iat, hasIat, err := numericDate(c.iat)
+	if err != nil {
+		return invalid(fmt.Errorf("iat: %w", err))
+	}
+	if c.iss != nil && !isString(c.iss) {
+		return invalid(errors.New("iss is not a string"))
+	}
+	var aud []string
+	if c.aud != nil {
+		if aud, err = stringList(c.aud); err != nil {
+			return invalid(fmt.Errorf("aud: %w", err))
+		}
+	}
+	now := v.cfg.Now()
+	leeway := v.cfg.Leeway
+	switch {
+	case hasExp && !now.Before(exp.Add(leeway)):
+		return Principal{}, tokenError("TOKEN_EXPIRED", "bearer token has expired", nil)
+	case hasNbf && now.Before(nbf.Add(-leeway)):
+		return Principal{}, tokenError("TOKEN_NOT_YET_VALID", "bearer token is not valid yet", nil)
+	case hasIat && now.Before(iat.Add(-leeway)):
+		return Principal{}, tokenError("TOKEN_ISSUED_IN_FUTURE", "bearer token is issued in the future", nil)
+	case c.iss != nil && !equalString(c.iss, "") && !equalString(c.iss, v.cfg.Issuer):
+		return Principal{}, tokenError("TOKEN_ISSUER_INVALID", "bearer token issuer is not accepted", nil)
+	case len(aud) > 0 && !(len(aud) == 1 && aud[0] == "") && !slices.Contains(aud, v.cfg.Audience):
+		return Principal{}, tokenError("TOKEN_AUDIENCE_INVALID", "bearer token is not for this audience", nil)
+	case !hasExp || c.iss == nil || equalString(c.iss, "") || len(aud) == 0 || (len(aud) == 1 && aud[0] == ""):
+		return Principal{}, tokenError("TOKEN_CLAIMS_INVALID", "bearer token lacks a required claim", nil)
+	}
+	return v.principal(c, exp)
 }
 
 // principal turns verified claims into a Principal.
-func (v *Verifier) principal(c jwt.MapClaims) (Principal, error) {
-	sub, _ := c["sub"].(string)
-	if !validText(sub, 256) {
+func (v *Verifier) principal(c claimsOf, exp time.Time) (Principal, error) {
+	sub, err := textClaim(c.sub, 256)
+	if err != nil {
 		return Principal{}, tokenError("TOKEN_CLAIMS_INVALID", "bearer token subject is missing or invalid", nil)
 	}
-	p := Principal{Kind: KindToken, Subject: sub, Issuer: v.cfg.Issuer}
-	if exp, err := c.GetExpirationTime(); err == nil && exp != nil {
-		p.Expiry = exp.Time
-	}
-	scopes, err := scopesOf(c)
+	p := Principal{Kind: KindToken, Subject: sub, Issuer: v.cfg.Issuer, Expiry: exp}
+	scopes, err := scopesOf(c.scope, c.scp)
 	if err != nil {
 		return Principal{}, tokenError("TOKEN_CLAIMS_INVALID", "bearer token scopes are invalid", err)
 	}
 	if v.cfg.AdminScope != "" && slices.Contains(scopes, Scope(v.cfg.AdminScope)) {
 		p.Admin = true
 	}
-	if v.cfg.AdminClaim != "" {
-		if b, ok := c[v.cfg.AdminClaim].(bool); ok && b {
-			p.Admin = true
-		}
+	if c.admin != nil && string(c.admin) == "true" {
+		p.Admin = true
 	}
 	p.Scopes = scopes
-	if t, present := c[v.cfg.TenantClaim]; present {
-		ts, ok := t.(string)
-		if !ok || !validText(ts, 128) {
+	if c.tenant != nil {
+		if p.Tenant, err = textClaim(c.tenant, 128); err != nil {
 			return Principal{}, tokenError("TOKEN_CLAIMS_INVALID", "bearer token tenant claim is invalid", nil)
 		}
-		p.Tenant = ts
 	}
 	return p, nil
 }
 
+// textClaim reads a string claim that must be validText of at most max
+// bytes.
+func textClaim(raw []byte, max int) (string, error) {
+	if !isString(raw) {
+		return "", errors.New("not a string")
+	}
+	s, err := unquote(raw)
+	if err != nil || !validText(s, max) {
+		return "", errors.New("not printable text")
+	}
+	return s, nil
+}
+
 // scopesOf reads the space-separated "scope" claim (RFC 8693) and the
 // "scp" claim (an array, or a space-separated string), sorted, deduplicated.
-func scopesOf(c jwt.MapClaims) ([]Scope, error) {
+func scopesOf(scope, scp []byte) ([]Scope, error) {
 	var out []Scope
 	add := func(s string) error {
 		for f := range strings.FieldsSeq(s) {
@@ -393,33 +578,28 @@ func scopesOf(c jwt.MapClaims) ([]Scope, error) {
 		}
 		return nil
 	}
-	if s, present := c["scope"]; present {
-		str, ok := s.(string)
-		if !ok {
+	if scope != nil {
+		if !isString(scope) {
 			return nil, errors.New("scope is not a string")
 		}
-		if err := add(str); err != nil {
+		s, err := unquote(scope)
+		if err != nil {
+			return nil, err
+		}
+		if err := add(s); err != nil {
 			return nil, err
 		}
 	}
-	switch scp := c["scp"].(type) {
-	case nil:
-	case string:
-		if err := add(scp); err != nil {
-			return nil, err
+	if scp != nil && string(scp) != "null" {
+		list, err := stringList(scp)
+		if err != nil {
+			return nil, fmt.Errorf("scp: %w", err)
 		}
-	case []any:
-		for _, e := range scp {
-			s, ok := e.(string)
-			if !ok {
-				return nil, errors.New("scp holds a non-string")
-			}
+		for _, s := range list {
 			if err := add(s); err != nil {
 				return nil, err
 			}
 		}
-	default:
-		return nil, errors.New("scp is neither a string nor an array")
 	}
 	if len(out) > 256 {
 		return nil, errors.New("too many scopes")

@@ -3,6 +3,7 @@ package authn_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -390,5 +391,112 @@ func TestVerifiedTokenCacheHonoursExpiryAndRotation(t *testing.T) {
 	f.clock.add(11 * time.Minute)
 	if _, err := f.v.Verify(ctx, tok2); reasonOf(t, err) != "TOKEN_KID_UNKNOWN" {
 		t.Fatalf("cached token of a revoked key: %v", err)
+	}
+}
+
+// TestVerifyReadsClaimsExactly covers the claim reader on tokens whose
+// JSON is given byte for byte: exact (case-sensitive) names, escapes
+// decoded, duplicates of an interpreted member refused, types checked.
+func TestVerifyReadsClaimsExactly(t *testing.T) {
+	f := newFixture(t, nil)
+	now := time.Now().Unix()
+	std := fmt.Sprintf(`"iss":%q,"aud":%q,"sub":"alice","exp":%d`, f.idp.Issuer, aud, now+3600)
+	hdr := `{"alg":"EdDSA","kid":"ed-1"}`
+	ok := []struct {
+		name, claims, header string
+		check                func(authn.Principal) bool
+	}{
+		{"escaped names and values", `{` + std + `,"t\u0065nant":"ac\u006de","scope":"lease:read"}`, hdr,
+			func(p authn.Principal) bool { return p.Tenant == "acme" && p.HasScope(authn.ScopeLeaseRead) }},
+		{"case variants are other claims", `{` + std + `,"Tenant":"evil","SCOPE":"gpuaas:admin","tenant":"acme"}`, hdr,
+			func(p authn.Principal) bool { return p.Tenant == "acme" && !p.Admin && len(p.Scopes) == 0 }},
+		{"fractional dates, scp null, nested extras", fmt.Sprintf(`{%s,"nbf":%d.5,"iat":%d.25,"scp":null,"x":{"tenant":"evil","a":[1,"}"]}}`, std, now, now), hdr,
+			func(p authn.Principal) bool { return p.Tenant == "" && p.Subject == "alice" }},
+		{"aud list", fmt.Sprintf(`{"iss":%q,"aud":["other",%q],"sub":"alice","exp":%d}`, f.idp.Issuer, aud, now+60), hdr,
+			func(p authn.Principal) bool { return p.Subject == "alice" }},
+		{"header with typ and whitespace", `{` + std + `}`, ` { "typ" : "JWT", "kid":"ed-1" , "alg" : "EdDSA" } `,
+			func(p authn.Principal) bool { return p.Subject == "alice" }},
+	}
+	for _, c := range ok {
+		p, err := f.v.Verify(context.Background(), f.ed.SignRaw(c.header, c.claims))
+		if err != nil || !c.check(p) {
+			t.Errorf("%s: %+v %v", c.name, p, err)
+		}
+	}
+	bad := []struct{ name, claims, header, reason string }{
+		{"duplicate sub", `{` + std + `,"sub":"root"}`, hdr, "TOKEN_CLAIMS_INVALID"},
+		{"duplicate escaped tenant", `{` + std + `,"tenant":"a","t\u0065nant":"b"}`, hdr, "TOKEN_CLAIMS_INVALID"},
+		{"duplicate alg", `{` + std + `}`, `{"alg":"EdDSA","alg":"none","kid":"ed-1"}`, "TOKEN_MALFORMED"},
+		{"alg not a string", `{` + std + `}`, `{"alg":["EdDSA"],"kid":"ed-1"}`, "TOKEN_ALG_NOT_ALLOWED"},
+		{"alg case variant", `{` + std + `}`, `{"ALG":"EdDSA","kid":"ed-1"}`, "TOKEN_ALG_NOT_ALLOWED"},
+		{"kid not a string", `{` + std + `}`, `{"alg":"EdDSA","kid":1}`, "TOKEN_MALFORMED"},
+		{"crit null", `{` + std + `}`, `{"alg":"EdDSA","kid":"ed-1","crit":null}`, "TOKEN_MALFORMED"},
+		{"header not an object", `{` + std + `}`, `["EdDSA"]`, "TOKEN_MALFORMED"},
+		{"claims not an object", `[1]`, hdr, "TOKEN_MALFORMED"},
+		{"claims not JSON", `{` + std + `,}`, hdr, "TOKEN_MALFORMED"},
+		{"exp a string", fmt.Sprintf(`{"iss":%q,"aud":%q,"sub":"alice","exp":"%d"}`, f.idp.Issuer, aud, now+60), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"exp absurd", fmt.Sprintf(`{"iss":%q,"aud":%q,"sub":"alice","exp":1e300}`, f.idp.Issuer, aud), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"exp zero", fmt.Sprintf(`{"iss":%q,"aud":%q,"sub":"alice","exp":0}`, f.idp.Issuer, aud), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"no iss", fmt.Sprintf(`{"aud":%q,"sub":"alice","exp":%d}`, aud, now+60), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"iss not a string", fmt.Sprintf(`{"iss":[%q],"aud":%q,"sub":"alice","exp":%d}`, f.idp.Issuer, aud, now+60), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"no aud", fmt.Sprintf(`{"iss":%q,"sub":"alice","exp":%d}`, f.idp.Issuer, now+60), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"aud holds a number", fmt.Sprintf(`{"iss":%q,"aud":[%q,1],"sub":"alice","exp":%d}`, f.idp.Issuer, aud, now+60), hdr, "TOKEN_CLAIMS_INVALID"},
+		{"expired wins over a missing aud", fmt.Sprintf(`{"iss":%q,"sub":"alice","exp":%d}`, f.idp.Issuer, now-3600), hdr, "TOKEN_EXPIRED"},
+		{"scope not a string", `{` + std + `,"scope":7}`, hdr, "TOKEN_CLAIMS_INVALID"},
+		{"non-ASCII subject", fmt.Sprintf(`{"iss":%q,"aud":%q,"sub":"al\u00efce","exp":%d}`, f.idp.Issuer, aud, now+60), hdr, "TOKEN_CLAIMS_INVALID"},
+	}
+	for _, c := range bad {
+		_, err := f.v.Verify(context.Background(), f.ed.SignRaw(c.header, c.claims))
+		if got := errs.ReasonOf(err); got != c.reason || !errors.Is(err, errs.ErrUnauthenticated) {
+			t.Errorf("%s: reason %q (%v), want %q", c.name, got, err, c.reason)
+		}
+	}
+	// A signature of the right size that does not verify, per algorithm,
+	// and a signature of the wrong size.
+	for _, k := range []authntest.Key{f.rsa, f.ec, f.ed} {
+		tok := k.Sign(f.claims(nil))
+		last := lastDot(tok)
+		flipped := []byte(tok)
+		flipped[last+2] ^= 1
+		for name, bad := range map[string]string{"flipped": string(flipped), "short": tok[:len(tok)-4]} {
+			if _, err := f.v.Verify(context.Background(), bad); err == nil {
+				t.Errorf("%s: %s signature accepted", k.Alg, name)
+			}
+		}
+	}
+}
+
+// TestConfiguredClaimNamesMayShadowRegisteredOnes: a tenant claim named
+// like a registered claim is read as both.
+func TestConfiguredClaimNamesMayShadowRegisteredOnes(t *testing.T) {
+	f := newFixture(t, func(c *authn.Config) { c.TenantClaim = "sub" })
+	p, err := f.v.Verify(context.Background(), f.rsa.Sign(f.claims(nil)))
+	if err != nil || p.Tenant != "alice" || p.Subject != "alice" {
+		t.Fatalf("%+v %v", p, err)
+	}
+}
+
+// TestKnownHeaderStillChecksKeyAndSignature: once a header is known from
+// a verified token, tokens with the same header still need a signature of
+// the key and claims that pass, and follow the key set.
+func TestKnownHeaderStillChecksKeyAndSignature(t *testing.T) {
+	f := newFixture(t, func(c *authn.Config) { c.VerifiedCacheSize = -1; c.MinRefresh = time.Second })
+	ctx := context.Background()
+	for range 2 {
+		if _, err := f.v.Verify(ctx, f.rsa.Sign(f.claims(nil))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	imposter := authntest.NewKey("rsa-1", "RS256")
+	if _, err := f.v.Verify(ctx, imposter.Sign(f.claims(nil))); reasonOf(t, err) != "TOKEN_SIGNATURE_INVALID" {
+		t.Fatalf("same header, other key: %v", err)
+	}
+	if _, err := f.v.Verify(ctx, f.rsa.Sign(f.claims(map[string]any{"aud": "other"}))); reasonOf(t, err) != "TOKEN_AUDIENCE_INVALID" {
+		t.Fatalf("same header, wrong audience: %v", err)
+	}
+	f.idp.SetKeys(f.ec)
+	f.clock.add(authn.DefaultCacheTTL + time.Minute)
+	if _, err := f.v.Verify(ctx, f.rsa.Sign(f.claims(nil))); reasonOf(t, err) != "TOKEN_KID_UNKNOWN" {
+		t.Fatalf("same header, key removed: %v", err)
 	}
 }
