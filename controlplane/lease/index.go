@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 	"sync"
 
@@ -85,16 +84,6 @@ func (c *heldCache) put(tok string, h map[string][]mig.Instance) {
 	}
 	c.m[tok] = h
 	c.order = append(c.order, tok)
-}
-
-// withInstance returns a copy of held with one more instance on gpu.
-func withInstance(held map[string][]mig.Instance, gpu string, in mig.Instance) map[string][]mig.Instance {
-	out := make(map[string][]mig.Instance, len(held)+1)
-	for k, v := range held {
-		out[k] = v
-	}
-	out[gpu] = append(slices.Clip(held[gpu]), in)
-	return out
 }
 
 // allocRow is an index row's value. Placement decodes every row per
@@ -222,6 +211,9 @@ func (s *Service) heldPartitions(tx store.Tx) (map[string][]mig.Instance, string
 		return nil, "", err
 	}
 	if h, ok := s.held.get(tok); ok {
+		return h, tok, nil
+	}
+	if h, ok := s.placer.heldAt(tok); ok {
 		return h, tok, nil
 	}
 	h, err := scanHeld(tx)

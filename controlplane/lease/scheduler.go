@@ -72,19 +72,40 @@ func Allocations(live []*leasev1.Lease) map[string][]mig.Instance {
 // those the node reports (which may include partitions an operator made by
 // hand).
 func instancesOn(g *nodev1.Gpu, held []mig.Instance) []mig.Instance {
-	seen := map[mig.Instance]bool{}
+	return union(held, reportedOn(g))
+}
+
+// reportedOn is the partitions a node reports on g.
+func reportedOn(g *nodev1.Gpu) []mig.Instance {
 	var out []mig.Instance
-	add := func(in mig.Instance) {
-		if !seen[in] {
-			seen[in] = true
+	for _, in := range g.GetInstances() {
+		out = append(out, mig.Instance{Profile: mig.ProfileID(in.GetProfileId()), Placement: mig.Placement{Start: int(in.GetStart()), Size: int(in.GetSize())}})
+	}
+	return out
+}
+
+// union is held then reported, without duplicates, in that order.
+func union(held, reported []mig.Instance) []mig.Instance {
+	var out []mig.Instance
+	var seen map[mig.Instance]bool // for long lists only: a GPU has a few
+	for _, list := range [][]mig.Instance{held, reported} {
+		for _, in := range list {
+			if seen == nil && len(out) > 16 {
+				seen = make(map[mig.Instance]bool, 2*len(out))
+				for _, o := range out {
+					seen[o] = true
+				}
+			}
+			if seen != nil {
+				if seen[in] {
+					continue
+				}
+				seen[in] = true
+			} else if slices.Contains(out, in) {
+				continue
+			}
 			out = append(out, in)
 		}
-	}
-	for _, in := range held {
-		add(in)
-	}
-	for _, in := range g.GetInstances() {
-		add(mig.Instance{Profile: mig.ProfileID(in.GetProfileId()), Placement: mig.Placement{Start: int(in.GetStart()), Size: int(in.GetSize())}})
 	}
 	return out
 }

@@ -75,6 +75,7 @@ type Service struct {
 	now    func() time.Time
 	watch  *broadcaster
 	held   heldCache
+	placer placer
 }
 
 // New returns the service.
@@ -274,9 +275,18 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 	idemKey := c.ID + "\x00" + req.GetIdempotencyKey()
 	hash := s.bodyHash(spec)
 	nodes := s.nodes()
+	// Everything that does not read the store is done here, outside the
+	// serialized transaction: the fleet's view for placement, the new
+	// lease's id and its copy of the spec, sealed.
+	view := s.placer.view(nodes)
+	id := newLeaseID()
+	own := proto.Clone(spec).(*leasev1.LeaseSpec)
+	if err := s.sealEnv(&leasev1.Lease{Id: id, Spec: own}); err != nil {
+		return nil, err
+	}
 
 	// No lock around placement: the store's transactions are serializable
-	// (bbolt runs a batch's functions one after another in one
+	// (bbolt's group commit runs its functions one after another in one
 	// transaction; etcd's commit fails if the allocation index changed
 	// since it was read), so two creates never take one partition, and
 	// concurrent creates share one commit.
@@ -300,20 +310,28 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		}
 		now := s.now()
 		l := &leasev1.Lease{
-			Id: newLeaseID(), Spec: proto.Clone(spec).(*leasev1.LeaseSpec), CreateTime: timestamppb.New(now),
+			Id: id, Spec: own, CreateTime: timestamppb.New(now),
 			NotAfter: timestamppb.New(now.Add(spec.GetDuration().AsDuration())), CreatedBy: c.ID,
-		}
-		if err := s.sealEnv(l); err != nil {
-			return err
 		}
 		if err := setPhase(l, leasev1.Phase_PHASE_PENDING, "accepted", now); err != nil {
 			return err
 		}
-		held, _, err := s.heldPartitions(tx)
+		if err := ensureIndex(tx); err != nil {
+			return err
+		}
+		tok, err := indexToken(tx)
 		if err != nil {
 			return err
 		}
-		placement, perr := Place(nodes, held, spec.GetGpu())
+		st := s.placer.state(view, tok)
+		if st == nil {
+			held, tok, err := s.heldPartitions(tx)
+			if err != nil {
+				return err
+			}
+			st = s.placer.build(view, tok, held)
+		}
+		placement, perr := st.placeOrRefuse(nodes, spec.GetGpu())
 		switch {
 		case perr == nil:
 			l.Placement = placement
@@ -335,11 +353,11 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		if p := l.GetPlacement(); p != nil {
 			// The next create (in this batch or later) finds the index
 			// as this one leaves it without reading it again.
-			tok, err := indexToken(tx)
+			next, err := indexToken(tx)
 			if err != nil {
 				return err
 			}
-			s.held.put(tok, withInstance(held, p.GetGpuUuid(), instanceOf(p)))
+			s.placer.derive(st, next, p.GetGpuUuid(), instanceOf(p))
 		}
 		rec, _ := json.Marshal(idemRecord{LeaseID: l.GetId(), BodyHash: hash})
 		if err := tx.Put(store.BucketIdempotency, idemKey, rec); err != nil {

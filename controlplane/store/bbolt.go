@@ -48,6 +48,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -64,17 +65,30 @@ type BoltOptions struct {
 	// OpenTimeout bounds the wait for the file lock (default 1s), so two
 	// daemons can never share a data file.
 	OpenTimeout time.Duration
-	// MaxBatchDelay is how long a group commit waits for more writers
-	// before it runs (default 2ms; bbolt's own default, 10ms, is the
-	// latency floor of every lone write).
-	MaxBatchDelay time.Duration
 }
 
 // Bolt is the embedded bbolt backend.
 type Bolt struct {
 	db       *bolt.DB
 	readOnly bool
+
+	// Group commit (Update): writers queue while a commit runs; the
+	// next commit takes them all.
+	mu         sync.Mutex
+	queue      []*boltCall
+	committing bool
 }
+
+// boltCall is one queued Update.
+type boltCall struct {
+	fn   func(Tx) error
+	err  error
+	done chan struct{} // closed when err is final
+	lead chan struct{} // closed when this call must run the next group
+}
+
+// maxGroup bounds the Updates one commit takes.
+const maxGroup = 1000
 
 var _ Store = (*Bolt)(nil)
 
@@ -111,10 +125,6 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
-	}
-	db.MaxBatchDelay = opts.MaxBatchDelay
-	if db.MaxBatchDelay <= 0 {
-		db.MaxBatchDelay = 2 * time.Millisecond
 	}
 	return &Bolt{db: db}, nil
 }
@@ -262,8 +272,16 @@ func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 	return b.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx, lenient: b.readOnly}) })
 }
 
-// Update implements Store. Concurrent updates are committed together
-// (bbolt's Batch), one fsync for many writers.
+// Update implements Store. Concurrent updates are committed together, one
+// fsync for many writers, with no fixed delay: a lone writer commits at
+// once, and the writers that arrive while a commit runs are committed
+// together by the next one (so the group is as large as the disk is slow;
+// bbolt's own Batch closes a group after a fixed delay whatever the
+// commit's length, which under load made many small commits). The
+// functions of a group run one after another in one transaction, each
+// seeing the writes of those before it. If one fails, the transaction is
+// rolled back: the failed function is run again alone (its error then
+// stands on its own state) and the others are committed without it.
 func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -271,7 +289,65 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	if b.readOnly {
 		return ErrReadOnly
 	}
-	return b.db.Batch(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx}) })
+	c := &boltCall{fn: fn, done: make(chan struct{}), lead: make(chan struct{})}
+	b.mu.Lock()
+	b.queue = append(b.queue, c)
+	leader := !b.committing
+	b.committing = true
+	b.mu.Unlock()
+	if !leader {
+		select {
+		case <-c.done:
+			return c.err
+		case <-c.lead: // the previous leader handed the queue on
+		}
+	}
+	b.mu.Lock()
+	n := min(len(b.queue), maxGroup)
+	group := b.queue[:n:n]
+	b.queue = b.queue[n:]
+	b.mu.Unlock()
+	b.commitGroup(group)
+	// Hand the queue to its first writer, or stop committing.
+	b.mu.Lock()
+	if len(b.queue) > 0 {
+		close(b.queue[0].lead)
+	} else {
+		b.committing = false
+	}
+	b.mu.Unlock()
+	<-c.done
+	return c.err
+}
+
+// commitGroup commits calls in one transaction, or, if one fails, that
+// one alone and the rest together again.
+func (b *Bolt) commitGroup(calls []*boltCall) {
+	for len(calls) > 0 {
+		failed := -1
+		err := b.db.Update(func(tx *bolt.Tx) error {
+			for i, c := range calls {
+				if err := c.fn(boltTx{tx: tx}); err != nil {
+					failed = i
+					return err
+				}
+			}
+			return nil
+		})
+		if err == nil || failed < 0 || len(calls) == 1 {
+			// Committed, or the commit itself failed (every writer
+			// gets its error), or a lone writer's function failed.
+			for _, c := range calls {
+				c.err = err
+				close(c.done)
+			}
+			return
+		}
+		f := calls[failed]
+		f.err = b.db.Update(func(tx *bolt.Tx) error { return f.fn(boltTx{tx: tx}) })
+		close(f.done)
+		calls = append(calls[:failed:failed], calls[failed+1:]...)
+	}
 }
 
 // Close implements Store.

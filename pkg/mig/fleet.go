@@ -292,6 +292,12 @@ func (s *score) less(t *score) bool {
 
 // best is rule 1-4 over every candidate placement.
 func (fp *fleetPlan) best() (Decision, bool) {
+	d, _, ok := fp.bestScored()
+	return d, ok
+}
+
+// bestScored is best with the winning placement's score.
+func (fp *fleetPlan) bestScored() (Decision, score, bool) {
 	var best, cur score
 	var bestCand *candidate
 	bestJ := -1
@@ -323,7 +329,7 @@ func (fp *fleetPlan) best() (Decision, bool) {
 		}
 	}
 	if bestCand == nil {
-		return Decision{}, false
+		return Decision{}, score{}, false
 	}
 	p := bestCand.c.profs[bestCand.pi]
 	return Decision{
@@ -332,7 +338,49 @@ func (fp *fleetPlan) best() (Decision, bool) {
 		Profile:     p.ID,
 		ProfileName: p.Name,
 		Placement:   Placement{Start: p.Starts[bestJ], Size: p.MemorySlots},
-	}, true
+	}, best, true
+}
+
+// Choice is PlanAcross's best placement for a request on one GPU, with the
+// two measures it ranks GPUs by.
+type Choice struct {
+	Profile     ProfileID
+	ProfileName string
+	Placement   Placement
+	// Loss is the capacity the placement costs the GPU (rule 1);
+	// FreeSlices are the GPU's free compute slices after it (rule 2).
+	Loss, FreeSlices int
+}
+
+// Before reports whether c ranks before d on PlanAcross's rules 1 and 2;
+// when neither ranks before the other, the GPU with the lower index wins.
+func (c Choice) Before(d Choice) bool {
+	return c.Loss < d.Loss || (c.Loss == d.Loss && c.FreeSlices < d.FreeSlices)
+}
+
+// ChooseOn is PlanAcross's choice for req on g alone; ok is false when g
+// cannot take it (not eligible or out of req's scope, without the profile,
+// an invalid layout, or full). It depends only on g's model, Eligible and
+// set of Instances (not their order, not g.ID unless req names GPUs), so a
+// caller may memoize it per state. PlanAcross's decision, when it finds
+// one, is the ChooseOn of the lowest-index GPU among those whose choice no
+// other's is Before:
+//
+//	PlanAcross(gpus, req) places on gpus[i] at ChooseOn(gpus[i], req)
+//	where i is the first index that no ok choice is Before.
+//
+// When no GPU has a choice, PlanAcross's error says why; ChooseOn does
+// not.
+func ChooseOn(g GPUState, req Request) (Choice, bool) {
+	fp, err := newFleetPlan([]GPUState{g}, req)
+	if err != nil {
+		return Choice{}, false
+	}
+	d, sc, ok := fp.bestScored()
+	if !ok {
+		return Choice{}, false
+	}
+	return Choice{Profile: d.Profile, ProfileName: d.ProfileName, Placement: d.Placement, Loss: sc.loss, FreeSlices: sc.freeSlices}, true
 }
 
 // fragmentation explains a failed request: nil unless some candidate GPU
