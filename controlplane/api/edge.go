@@ -41,6 +41,11 @@ type Limits struct {
 	// HandshakeTimeout bounds the TLS handshake of a new connection.
 	// Default 10s.
 	HandshakeTimeout time.Duration
+	// ReadBufferSize is each connection's read buffer (gRPC's default is
+	// 32 KiB). Every agent holds a connection open and says little on it,
+	// so the default is 8 KiB: a fleet of 10,000 agents keeps ~230 MiB
+	// less; TLS still reads whole records beneath it.
+	ReadBufferSize int
 }
 
 // Limit defaults.
@@ -48,6 +53,7 @@ const (
 	DefaultMaxRecvMsgSize       = 4 << 20
 	DefaultMaxConcurrentStreams = 128
 	DefaultUnaryTimeout         = 30 * time.Second
+	DefaultReadBufferSize       = 8 << 10
 )
 
 func (l Limits) withDefaults() Limits {
@@ -56,6 +62,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxConcurrentStreams == 0 {
 		l.MaxConcurrentStreams = DefaultMaxConcurrentStreams
+	}
+	if l.ReadBufferSize <= 0 {
+		l.ReadBufferSize = DefaultReadBufferSize
 	}
 	if l.KeepaliveMinTime <= 0 {
 		l.KeepaliveMinTime = 5 * time.Second
@@ -82,6 +91,7 @@ func (l Limits) ServerOptions() []grpc.ServerOption {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: l.KeepaliveMinTime, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: l.KeepaliveTime, Timeout: l.KeepaliveTimeout}),
 		grpc.ConnectionTimeout(l.HandshakeTimeout),
+		grpc.ReadBufferSize(l.ReadBufferSize),
 	}
 }
 

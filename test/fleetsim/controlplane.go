@@ -98,6 +98,8 @@ type ControlPlaneOptions struct {
 	Shared                   *ControlPlane
 	EtcdEndpoint, EtcdPrefix string
 	ReplicaTTL               time.Duration
+	// ReadBufferBytes is edge.read_buffer_bytes (0: the default).
+	ReadBufferBytes int
 }
 
 // ControlPlane is a running control plane process.
@@ -215,8 +217,9 @@ edge:
   rate_per_second: 1000000
   rate_burst: 1000000
   max_identities: 100000
+  read_buffer_bytes: %d
 %s`, cp.Addr, filepath.Join(o.Dir, "data"), TrustDomain, cp.PKI.ControlPlane.CertPath, cp.PKI.ControlPlane.KeyPath, cp.PKI.BundlePath,
-		cp.MetricsAddr, o.LogLevel, auditKey, policyPath, o.AttestationInterval, liveYAML)
+		cp.MetricsAddr, o.LogLevel, auditKey, policyPath, o.AttestationInterval, o.ReadBufferBytes, liveYAML)
 	cfgPath := filepath.Join(o.Dir, "controlplane.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, fmt.Errorf("start control plane: %w", err)

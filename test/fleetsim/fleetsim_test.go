@@ -47,8 +47,14 @@ func heartbeatFor(live Liveness, n int) time.Duration {
 func newRig(t *testing.T, live Liveness, heartbeat time.Duration, logLevel string) *rig {
 	t.Helper()
 	ctx := context.Background()
+	// GPUAAS_FLEETSIM_READ_BUFFER sets edge.read_buffer_bytes (to compare
+	// per-session memory with gRPC's default, 32768).
+	readBuf := 0
+	if os.Getenv("GPUAAS_FLEETSIM_READ_BUFFER") != "" {
+		readBuf = envInts(t, "GPUAAS_FLEETSIM_READ_BUFFER", nil)[0]
+	}
 	cp, err := StartControlPlane(ctx, ControlPlaneOptions{Binary: harness.BuildBinary(t, "./controlplane/cmd/gpuaas-controlplane"),
-		Dir: t.TempDir(), Liveness: live, LogLevel: logLevel})
+		Dir: t.TempDir(), Liveness: live, LogLevel: logLevel, ReadBufferBytes: readBuf})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,6 +360,7 @@ func envDuration(t *testing.T, name string, def time.Duration) time.Duration {
 // Environment: GPUAAS_FLEETSIM_STEPS (default 1000,2500,5000,10000),
 // GPUAAS_FLEETSIM_WINDOW (steady window, default 60s),
 // GPUAAS_FLEETSIM_KILLS (dead-node measurements per step, default 3),
+// GPUAAS_FLEETSIM_READ_BUFFER (edge.read_buffer_bytes; default 8 KiB),
 // GPUAAS_FLEETSIM_HB_RATE (liveness.max_heartbeats_per_second, default
 // 500), GPUAAS_FLEETSIM_TELEMETRY (per-agent telemetry interval, default
 // off).

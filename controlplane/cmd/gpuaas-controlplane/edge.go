@@ -57,6 +57,9 @@ type EdgeConfig struct {
 	// the rest are summarised.
 	DenialsPerIdentityPerMinute int `yaml:"denials_per_identity_per_minute"`
 	DenialsPerMinute            int `yaml:"denials_per_minute"`
+	// ReadBufferBytes is each connection's read buffer (default 8 KiB;
+	// gRPC's own default is 32 KiB).
+	ReadBufferBytes int `yaml:"read_buffer_bytes"`
 }
 
 func (e *EdgeConfig) validate() error {
@@ -68,6 +71,9 @@ func (e *EdgeConfig) validate() error {
 	}
 	if e.UnaryTimeout.D() < time.Second || e.UnaryTimeout.D() > 10*time.Minute {
 		return config.FieldError("edge.unary_timeout", "must be between 1s and 10m")
+	}
+	if e.ReadBufferBytes != 0 && (e.ReadBufferBytes < 4<<10 || e.ReadBufferBytes > 1<<20) {
+		return config.FieldError("edge.read_buffer_bytes", "must be between 4096 and 1048576 (0: 8 KiB)")
 	}
 	if e.RatePerSecond < 0 || e.RateBurst < 0 || e.MaxIdentities < 0 || e.DenialsPerIdentityPerMinute < 0 || e.DenialsPerMinute < 0 {
 		return config.FieldError("edge", "limits must not be negative (0 takes the default)")

@@ -398,7 +398,7 @@ func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		grpc.ChainStreamInterceptor(rpcMetrics.Stream),
 	}
 	opts = append(opts, authz.ServerOptions(log)...)
-	opts = append(opts, api.Limits{MaxRecvMsgSize: cfg.Edge.MaxRecvBytes, MaxConcurrentStreams: cfg.Edge.MaxConcurrentStreams}.ServerOptions()...)
+	opts = append(opts, api.Limits{MaxRecvMsgSize: cfg.Edge.MaxRecvBytes, MaxConcurrentStreams: cfg.Edge.MaxConcurrentStreams, ReadBufferSize: cfg.Edge.ReadBufferBytes}.ServerOptions()...)
 	srv := grpc.NewServer(opts...)
 	logs := &api.LogRelay{}
 	var attest *fleet.Attestor

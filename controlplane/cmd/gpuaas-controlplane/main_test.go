@@ -115,6 +115,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		"forward sink id":  {base + "audit: {signing_key: /k, forward: {address: \"s:1\", sink_id: sink}}\n", "audit.forward.sink_id"},
 		"forward batch":    {base + "audit: {signing_key: /k, checkpoint_every: 100, forward: {address: \"s:1\", sink_id: \"spiffe://example.org/sink\", max_batch: 10}}\n", "audit.forward.max_batch"},
 		"metrics listen":   {base + "metrics_listen: nowhere\n", "metrics_listen"},
+		"read buffer":      {base + "edge: {read_buffer_bytes: 100}\n", "edge.read_buffer_bytes"},
 		"replica on bbolt": {base + "replica: {id: cp-1}\n", "replica"},
 		"replica id":       {base + etcd + "replica: {id: \"cp 1\"}\n", "replica.id"},
 		"replica ttl":      {base + etcd + "replica: {ttl: 1s}\n", "replica.ttl"},
