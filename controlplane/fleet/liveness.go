@@ -211,7 +211,12 @@ func (r *Registry) Sweep(ctx context.Context) ([]string, error) {
 	if err := r.restore(ctx); err != nil {
 		return nil, fmt.Errorf("restore node liveness: %w", err)
 	}
-	now := r.now()
+	downed, errsOut := r.sweepDeadlines(ctx, r.now())
+	return downed, errors.Join(errsOut...)
+}
+
+// sweepDeadlines declares down every node whose deadline has passed.
+func (r *Registry) sweepDeadlines(ctx context.Context, now time.Time) (downed []string, errsOut []error) {
 	r.mu.Lock()
 	var due []string
 	for n, d := range r.deadline {
@@ -221,8 +226,6 @@ func (r *Registry) Sweep(ctx context.Context) ([]string, error) {
 	}
 	r.mu.Unlock()
 	sort.Strings(due)
-	var downed []string
-	var errsOut []error
 	for _, n := range due {
 		ok, err := r.markDown(ctx, n, now)
 		if err != nil {
@@ -233,7 +236,7 @@ func (r *Registry) Sweep(ctx context.Context) ([]string, error) {
 			downed = append(downed, n)
 		}
 	}
-	return downed, errors.Join(errsOut...)
+	return downed, errsOut
 }
 
 func (r *Registry) markDown(ctx context.Context, node string, now time.Time) (bool, error) {

@@ -68,27 +68,8 @@ const remoteRefresh = time.Second
 // sweepReplicated is Sweep in replicated mode.
 func (r *Registry) sweepReplicated(ctx context.Context) ([]string, error) {
 	now := r.now()
-	var errsOut []error
 	// Silent sessions this replica holds.
-	r.mu.Lock()
-	var due []string
-	for n, d := range r.deadline {
-		if now.After(d) {
-			due = append(due, n)
-		}
-	}
-	r.mu.Unlock()
-	sort.Strings(due)
-	var downed []string
-	for _, n := range due {
-		ok, err := r.markDown(ctx, n, now)
-		if err != nil {
-			errsOut = append(errsOut, fmt.Errorf("node %s: %w", n, err))
-		}
-		if ok {
-			downed = append(downed, n)
-		}
-	}
+	downed, errsOut := r.sweepDeadlines(ctx, now)
 	present, err := r.presence.Present(ctx)
 	if err != nil {
 		return downed, errors.Join(append(errsOut, err)...)
