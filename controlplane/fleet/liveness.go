@@ -163,11 +163,30 @@ func (r *Registry) restore(ctx context.Context) error {
 	if done {
 		return nil
 	}
-	var known []string
-	down := map[string]bool{}
+	up, err := r.upNodes(ctx)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.restored {
+		return nil
+	}
+	for n := range up {
+		if _, ok := r.deadline[n]; !ok {
+			r.deadline[n] = r.started.Add(r.live.FailoverTTL)
+		}
+	}
+	r.restored = true
+	return nil
+}
+
+// upNodes is every node the store knows that is not down.
+func (r *Registry) upNodes(ctx context.Context) (map[string]bool, error) {
+	known := map[string]bool{}
 	err := r.st.View(ctx, func(tx store.Tx) error {
 		if err := tx.Scan(store.BucketNodes, "", false, func(k string, _ []byte) error {
-			known = append(known, k)
+			known[k] = true
 			return nil
 		}); err != nil {
 			return err
@@ -177,25 +196,13 @@ func (r *Registry) restore(ctx context.Context) error {
 			if err := json.Unmarshal(v, &st); err != nil {
 				return fmt.Errorf("decode node state %s: %w", k, err)
 			}
-			down[k] = st.State == StateDown
+			if st.State == StateDown {
+				delete(known, k)
+			}
 			return nil
 		})
 	})
-	if err != nil {
-		return err
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.restored {
-		return nil
-	}
-	for _, n := range known {
-		if _, ok := r.deadline[n]; !ok && !down[n] {
-			r.deadline[n] = r.started.Add(r.live.FailoverTTL)
-		}
-	}
-	r.restored = true
-	return nil
+	return known, err
 }
 
 // Sweep declares down every node whose deadline has passed: its node state

@@ -2,7 +2,6 @@ package fleet
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -174,30 +173,6 @@ func (r *Registry) sweepAbsent(ctx context.Context, present map[string]string, n
 		}
 	}
 	return downed, errors.Join(errsOut...)
-}
-
-// upNodes is every node the store knows that is not down.
-func (r *Registry) upNodes(ctx context.Context) (map[string]bool, error) {
-	known := map[string]bool{}
-	err := r.st.View(ctx, func(tx store.Tx) error {
-		if err := tx.Scan(store.BucketNodes, "", false, func(k string, _ []byte) error {
-			known[k] = true
-			return nil
-		}); err != nil {
-			return err
-		}
-		return tx.Scan(store.BucketNodeState, "", false, func(k string, v []byte) error {
-			var st NodeState
-			if err := json.Unmarshal(v, &st); err != nil {
-				return fmt.Errorf("decode node state %s: %w", k, err)
-			}
-			if st.State == StateDown {
-				delete(known, k)
-			}
-			return nil
-		})
-	})
-	return known, err
 }
 
 // refreshRemote reads, at most once per remoteRefresh, what placement needs
