@@ -81,10 +81,13 @@ type Bolt struct {
 
 // boltCall is one queued Update.
 type boltCall struct {
-	fn   func(Tx) error
-	err  error
-	done chan struct{} // closed when err is final
-	lead chan struct{} // closed when this call must run the next group
+	fn  func(Tx) error
+	err error
+	// panicked is what fn panicked with: re-raised in its own caller,
+	// as bbolt's Batch does, never in the writer committing the group.
+	panicked any
+	done     chan struct{} // closed when err is final
+	lead     chan struct{} // closed when this call must run the next group
 }
 
 // maxGroup bounds the Updates one commit takes.
@@ -298,7 +301,7 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	if !leader {
 		select {
 		case <-c.done:
-			return c.err
+			return c.result()
 		case <-c.lead: // the previous leader handed the queue on
 		}
 	}
@@ -317,7 +320,28 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	}
 	b.mu.Unlock()
 	<-c.done
+	return c.result()
+}
+
+func (c *boltCall) result() error {
+	if c.panicked != nil {
+		panic(c.panicked)
+	}
 	return c.err
+}
+
+// errPanicked stands for a panic in a function while its group is rolled
+// back; the function's caller gets the panic itself.
+var errPanicked = errors.New("store: update function panicked")
+
+// call runs c.fn, turning a panic into errPanicked (recorded on c).
+func (c *boltCall) call(tx *bolt.Tx) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.panicked, err = p, errPanicked
+		}
+	}()
+	return c.fn(boltTx{tx: tx})
 }
 
 // commitGroup commits calls in one transaction, or, if one fails, that
@@ -327,7 +351,7 @@ func (b *Bolt) commitGroup(calls []*boltCall) {
 		failed := -1
 		err := b.db.Update(func(tx *bolt.Tx) error {
 			for i, c := range calls {
-				if err := c.fn(boltTx{tx: tx}); err != nil {
+				if err := c.call(tx); err != nil {
 					failed = i
 					return err
 				}
@@ -344,7 +368,8 @@ func (b *Bolt) commitGroup(calls []*boltCall) {
 			return
 		}
 		f := calls[failed]
-		f.err = b.db.Update(func(tx *bolt.Tx) error { return f.fn(boltTx{tx: tx}) })
+		f.panicked = nil
+		f.err = b.db.Update(f.call)
 		close(f.done)
 		calls = append(calls[:failed:failed], calls[failed+1:]...)
 	}

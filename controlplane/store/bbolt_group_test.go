@@ -62,3 +62,57 @@ func TestBoltGroupCommitIsolatesAFailedUpdate(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A function that panics re-raises the panic in its own caller; the
+// writers grouped with it commit, and the store keeps committing.
+func TestBoltGroupCommitPanicStaysWithItsCaller(t *testing.T) {
+	st := storetest.OpenBoltStore(t)
+	ctx := context.Background()
+	const n = 50
+	var wg sync.WaitGroup
+	panics := make([]any, n)
+	errsOut := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { panics[i] = recover() }()
+			errsOut[i] = st.Update(ctx, func(tx store.Tx) error {
+				if err := tx.Put(store.BucketMeta, fmt.Sprintf("p%02d", i), []byte("v")); err != nil {
+					return err
+				}
+				if i == 7 {
+					panic("boom")
+				}
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		switch {
+		case i == 7 && panics[i] != "boom":
+			t.Errorf("the panicking update's caller got %v, want its panic", panics[i])
+		case i != 7 && (panics[i] != nil || errsOut[i] != nil):
+			t.Errorf("update %d: panic %v, err %v", i, panics[i], errsOut[i])
+		}
+	}
+	err := st.Update(ctx, func(tx store.Tx) error { return tx.Put(store.BucketMeta, "after", []byte("v")) })
+	if err != nil {
+		t.Fatalf("an update after the panic: %v", err)
+	}
+	err = st.View(ctx, func(tx store.Tx) error {
+		if _, err := tx.Get(store.BucketMeta, "p07"); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("the panicking update's write was kept: %v", err)
+		}
+		for i := range n {
+			if _, err := tx.Get(store.BucketMeta, fmt.Sprintf("p%02d", i)); i != 7 && err != nil {
+				t.Errorf("update %d lost: %v", i, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
