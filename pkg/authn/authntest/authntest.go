@@ -104,15 +104,7 @@ func (k Key) Sign(claims map[string]any) string {
 // SignWithHeader signs claims with k, with extra header fields (alg and
 // typ are set from the key unless given).
 func (k Key) SignWithHeader(hdr map[string]any, claims map[string]any) string {
-	var m jwt.SigningMethod
-	switch k.Alg {
-	case "RS256":
-		m = jwt.SigningMethodRS256
-	case "ES256":
-		m = jwt.SigningMethodES256
-	case "EdDSA":
-		m = jwt.SigningMethodEdDSA
-	}
+	m := k.method()
 	t := jwt.NewWithClaims(m, jwt.MapClaims(claims))
 	for h, v := range hdr {
 		t.Header[h] = v
@@ -124,19 +116,24 @@ func (k Key) SignWithHeader(hdr map[string]any, claims map[string]any) string {
 	return s
 }
 
+// method is k's golang-jwt signing method.
+func (k Key) method() jwt.SigningMethod {
+	switch k.Alg {
+	case "RS256":
+		return jwt.SigningMethodRS256
+	case "ES256":
+		return jwt.SigningMethodES256
+	case "EdDSA":
+		return jwt.SigningMethodEdDSA
+	}
+	return nil
+}
+
 // SignRaw signs a token whose header and claims are the given JSON bytes,
 // as they are (duplicate members, escapes, odd types): for parser tests.
 func (k Key) SignRaw(header, claims string) string {
 	signing := b64([]byte(header)) + "." + b64([]byte(claims))
-	var m jwt.SigningMethod
-	switch k.Alg {
-	case "RS256":
-		m = jwt.SigningMethodRS256
-	case "ES256":
-		m = jwt.SigningMethodES256
-	case "EdDSA":
-		m = jwt.SigningMethodEdDSA
-	}
+	m := k.method()
 	sig, err := m.Sign(signing, k.Signer)
 	if err != nil {
 		panic(err)
