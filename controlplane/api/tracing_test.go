@@ -328,7 +328,15 @@ func checkTraced(t *testing.T, s *tracedServer, method string, call traceCall, p
 	t.Helper()
 	operator := s.pki.Operators["alice"]
 	conn := s.dial(t, sourceFor(t, s.pki, operator))
-	r, err := leasev1.NewLeaseServiceClient(conn).CreateLease(context.Background(), createReq("setup-"+method))
+	// The setup create is waited for too: were its span still open when
+	// the call below counts the ended CreateLease calls, a CreateLease
+	// under test would be taken as ended when the setup one ends.
+	var r *leasev1.CreateLeaseResponse
+	_, err := s.callAndWait(leasev1.LeaseService_CreateLease_FullMethodName, func() (metadata.MD, error) {
+		var err error
+		r, err = leasev1.NewLeaseServiceClient(conn).CreateLease(context.Background(), createReq("setup-"+method))
+		return nil, err
+	})
 	if err != nil {
 		return fmt.Errorf("setup: create lease: %w", err)
 	}
