@@ -52,8 +52,7 @@ ln -sf "buf-$BUF_VERSION" .cache/bin/buf
 
 # The other pinned tools, each in its own module under tools/ (their
 # dependency graphs clash with the product's) and cached by version:
-# staticcheck (lint), nfpm (packages), SPIRE (identity tests; the slowest,
-# about 4 minutes on 2 cores the first time).
+# staticcheck (lint) and nfpm (packages); SPIRE (identity tests) below.
 tool() { # name module-path package... (first package names the binary dir)
   local dir=$1 mod=$2; shift 2
   local v
@@ -105,11 +104,11 @@ if [ -n "$PROM_VERSION" ] && [ -x ".cache/bin/promtool-$PROM_VERSION/promtool" ]
   ln -sfn "promtool-$PROM_VERSION/promtool" .cache/bin/promtool
 fi
 
-# SPIRE is by far the slowest (about 2,000 packages, 8+ minutes from a cold
-# Go cache on 2 cores) and only the SPIRE tests need it: it builds in the
-# background at low priority while the rest of the suite compiles and runs,
-# and test/spire waits for it (the .building file holds the builder's pid;
-# the log is .cache/spire-build.log).
+# SPIRE is by far the slowest (scripts/build-spire.sh: about 1,100
+# packages, trimmed to the plugins the tests use) and only the SPIRE tests
+# need it: it builds in the background at low priority while the rest of
+# the suite compiles and runs, and test/spire waits for it (the .building
+# file holds the builder's pid; the log is .cache/spire-build.log).
 SPIRE_VERSION=$(awk '$1=="github.com/spiffe/spire" {print $2}' tools/spire/go.mod)
 SPIRE_OUT=".cache/bin/spire-$SPIRE_VERSION"
 if { [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ]; } &&
@@ -119,7 +118,7 @@ if { [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ]; } 
   setsid nohup nice -n 19 bash -c '
     set -e
     out=$1; rm -rf "$out.tmp" "$out"; mkdir -p "$out.tmp"
-    (cd tools/spire && go build -o "../../$out.tmp/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent)
+    scripts/build-spire.sh "$PWD/$out.tmp"
     mv "$out.tmp" "$out"
   ' spire-build "$SPIRE_OUT" > .cache/spire-build.log 2>&1 < /dev/null &
   echo $! > "$SPIRE_OUT.building"

@@ -2,9 +2,10 @@
 // a spire-agent on loopback, the agent attested with a join token, workloads
 // attested by the unix workload attestor (uid and executable path), and
 // entries registered through the server's CLI. The binaries are built by
-// scripts/setup.sh from the pinned tools/spire module into
-// .cache/bin/spire-<version>/. Close stops both daemons and removes their
-// directory.
+// scripts/setup.sh (scripts/build-spire.sh) from the release pinned in
+// tools/spire into .cache/bin/spire-<version>/, with only the built-in
+// plugins these tests configure (tools/spire/trimcatalog). Close stops both
+// daemons and removes their directory.
 package spire
 
 import (
