@@ -22,4 +22,5 @@ done < <(cd "$tmp" && find . -name '*.pb.go' | sed 's#^\./##')
 if [ "$(cd "$tmp" && find . -name '*.pb.go' | wc -l)" != "$(find proto -name '*.pb.go' | wc -l)" ]; then
   echo "lint: generated file set differs from proto/: run make proto"; fail=1
 fi
+[ $fail = 0 ] && echo "lint: gofmt, go vet, staticcheck, buf lint and generated code: ok"
 exit $fail
