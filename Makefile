@@ -36,10 +36,11 @@ lint: setup
 # minutes in lint first). Its output follows the tests'; either failing
 # fails make test.
 SLOW_TESTS := ./test/e2e ./test/packaging ./agent/runtime ./test/crash ./agent/partition ./agent/lease
+TEST_CMD := $(GO) test -race -vet=off -count=1 -timeout 30m $(TESTFLAGS) $(SLOW_TESTS) ./...
 test: setup
 	@mkdir -p .cache; nice -n 19 scripts/lint.sh > .cache/lint.log 2>&1 & lint=$$!; \
-	echo "$(GO) test -race -vet=off -count=1 -timeout 30m $(TESTFLAGS) $(SLOW_TESTS) ./... (lint beside it: .cache/lint.log)"; \
-	$(GO) test -race -vet=off -count=1 -timeout 30m $(TESTFLAGS) $(SLOW_TESTS) ./...; rc=$$?; \
+	echo "$(TEST_CMD) (lint beside it: .cache/lint.log)"; \
+	$(TEST_CMD); rc=$$?; \
 	wait $$lint; lrc=$$?; echo "scripts/lint.sh:"; cat .cache/lint.log; \
 	if [ $$lrc != 0 ]; then echo "make test: lint failed (exit $$lrc)"; rc=1; fi; \
 	exit $$rc

@@ -5,7 +5,8 @@
 # for production:
 #   - tools/spire/trimcatalog shortens the catalogs of built-in plugins to
 #     the ones test/spire configures (join_token, memory and disk key
-#     managers, unix workload attestor, the sql datastore), in a copy of the
+#     managers, unix workload attestor, uniqueid credential composer, the
+#     sql datastore), in a copy of the
 #     release's source: the cloud, Kubernetes, Vault, Docker and TPM plugins
 #     and their SDKs are not compiled (about 1,100 packages instead of
 #     2,300). The plugins kept are the release's source unchanged.
@@ -16,7 +17,8 @@ set -euo pipefail
 out=$1
 cd "$(dirname "$0")/../tools/spire"
 unset GOFLAGS
-src=$(go mod download -json github.com/spiffe/spire | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+go mod download github.com/spiffe/spire
+src=$(go list -m -f '{{.Dir}}' github.com/spiffe/spire)
 [ -d "$src" ] || { echo "build-spire: no source for github.com/spiffe/spire" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -111,7 +111,11 @@ fi
 # file holds the builder's pid; the log is .cache/spire-build.log).
 SPIRE_VERSION=$(awk '$1=="github.com/spiffe/spire" {print $2}' tools/spire/go.mod)
 SPIRE_OUT=".cache/bin/spire-$SPIRE_VERSION"
-if { [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ]; } &&
+# The build's recipe (the script and the catalog trimmer) is stamped into
+# the output: a change to it, a plugin kept for a new test say, rebuilds.
+SPIRE_RECIPE=$(cat scripts/build-spire.sh tools/spire/trimcatalog/main.go | sha256sum | cut -c1-16)
+if { [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ] ||
+     [ "$(cat "$SPIRE_OUT/recipe" 2>/dev/null)" != "$SPIRE_RECIPE" ]; } &&
    ! { [ -f "$SPIRE_OUT.building" ] && kill -0 "$(cat "$SPIRE_OUT.building")" 2>/dev/null; }; then
   echo "setup: building spire $SPIRE_VERSION in the background (log: .cache/spire-build.log)"
   mkdir -p .cache/bin
@@ -119,7 +123,8 @@ if { [ ! -x "$SPIRE_OUT/spire-server" ] || [ ! -x "$SPIRE_OUT/spire-agent" ]; } 
     set -e
     out=$1; rm -rf "$out.tmp" "$out"; mkdir -p "$out.tmp"
     scripts/build-spire.sh "$PWD/$out.tmp"
+    echo "$2" > "$out.tmp/recipe"
     mv "$out.tmp" "$out"
-  ' spire-build "$SPIRE_OUT" > .cache/spire-build.log 2>&1 < /dev/null &
+  ' spire-build "$SPIRE_OUT" "$SPIRE_RECIPE" > .cache/spire-build.log 2>&1 < /dev/null &
   echo $! > "$SPIRE_OUT.building"
 fi

@@ -22,20 +22,21 @@ import (
 	"strings"
 )
 
-// keep names the built-ins the tests configure (test/spire), per side.
+// keep names the built-ins the tests configure (test/spire), per side,
+// as plugin kind/name (the directory under pkg/<side>/plugin).
 var keep = map[string]map[string]bool{
-	"server": {"jointoken": true, "memory": true, "disk": true, "uniqueid": true},
-	"agent":  {"jointoken": true, "memory": true, "disk": true, "unix": true},
+	"server": {"nodeattestor/jointoken": true, "keymanager/memory": true, "keymanager/disk": true, "credentialcomposer/uniqueid": true},
+	"agent":  {"nodeattestor/jointoken": true, "keymanager/memory": true, "keymanager/disk": true, "workloadattestor/unix": true},
 }
 
 // need is what the test configuration cannot run without.
 var need = map[string][]string{
-	"server": {"nodeattestor.go:jointoken", "keymanager.go:memory"},
-	"agent":  {"nodeattestor.go:jointoken", "keymanager.go:memory", "workloadattestor.go:unix"},
+	"server": {"nodeattestor/jointoken", "keymanager/memory"},
+	"agent":  {"nodeattestor/jointoken", "keymanager/memory", "workloadattestor/unix"},
 }
 
 var (
-	importRE  = regexp.MustCompile(`^\t(?:(\w+) )?"github\.com/spiffe/spire/pkg/(?:server|agent)/plugin/\w+/(\w+)"$`)
+	importRE  = regexp.MustCompile(`^\t(?:(\w+) )?"github\.com/spiffe/spire/pkg/(?:server|agent)/plugin/(\w+/(\w+))"$`)
 	builtInRE = regexp.MustCompile(`^\t\t(\w+)\.BuiltIn\(\),$`)
 	oneLineRE = regexp.MustCompile(`^\treturn \[\]catalog\.BuiltIn\{(\w+)\.BuiltIn\(\)\}$`)
 )
@@ -70,7 +71,7 @@ func run(spire string) error {
 				return err
 			}
 			for _, n := range names {
-				kept[base+":"+n] = true
+				kept[n] = true
 			}
 			trimmed[f] = src
 		}
@@ -89,7 +90,7 @@ func run(spire string) error {
 }
 
 // trim returns file f without the imports and BuiltIn() entries of the
-// plugins not in keep, and the names of the built-ins it kept. Every
+// plugins not in keep, and the kind/names of the built-ins it kept. Every
 // plugin import must be matched by a BuiltIn() entry and back.
 func trim(f string, keep map[string]bool) (string, []string, error) {
 	src, err := os.ReadFile(f)
@@ -97,47 +98,59 @@ func trim(f string, keep map[string]bool) (string, []string, error) {
 		return "", nil, err
 	}
 	var b strings.Builder
-	imported, listed := map[string]bool{}, map[string]bool{}
+	plugin := map[string]string{} // import name -> kind/name
+	listed := map[string]bool{}
 	var kept []string
+	// entry reports whether the BuiltIn() entry of the package imported
+	// as name stays.
+	entry := func(name string) (bool, error) {
+		p, ok := plugin[name]
+		if !ok {
+			return false, fmt.Errorf("%s: built-in %s listed but its import not recognized", f, name)
+		}
+		listed[name] = true
+		if keep[p] {
+			kept = append(kept, p)
+		}
+		return keep[p], nil
+	}
 	sc := bufio.NewScanner(strings.NewReader(string(src)))
 	for sc.Scan() {
 		line := sc.Text()
 		if m := importRE.FindStringSubmatch(line); m != nil {
 			name := m[1]
 			if name == "" {
-				name = m[2]
+				name = m[3]
 			}
-			imported[name] = true
+			plugin[name] = m[2]
 			if !keep[m[2]] {
 				continue
 			}
 		}
 		if m := builtInRE.FindStringSubmatch(line); m != nil {
-			listed[m[1]] = true
-			if !keep[m[1]] {
+			ok, err := entry(m[1])
+			if err != nil {
+				return "", nil, err
+			}
+			if !ok {
 				continue
 			}
-			kept = append(kept, m[1])
 		}
 		if m := oneLineRE.FindStringSubmatch(line); m != nil {
-			listed[m[1]] = true
-			if !keep[m[1]] {
+			ok, err := entry(m[1])
+			if err != nil {
+				return "", nil, err
+			}
+			if !ok {
 				line = "\treturn nil"
-			} else {
-				kept = append(kept, m[1])
 			}
 		}
 		b.WriteString(line)
 		b.WriteByte('\n')
 	}
-	for n := range imported {
-		if !listed[n] {
-			return "", nil, fmt.Errorf("%s: plugin %s imported but its BuiltIn() entry not recognized", f, n)
-		}
-	}
-	for n := range listed {
-		if !imported[n] {
-			return "", nil, fmt.Errorf("%s: built-in %s listed but its import not recognized", f, n)
+	for name, p := range plugin {
+		if !listed[name] {
+			return "", nil, fmt.Errorf("%s: plugin %s imported but its BuiltIn() entry not recognized", f, p)
 		}
 	}
 	return b.String(), kept, nil
