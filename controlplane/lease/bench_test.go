@@ -45,7 +45,7 @@ func seedLeases(tb testing.TB, st store.Store, nodes []NodeView, n int) {
 	}
 	for i := 0; i < n; i++ {
 		r := req(fmt.Sprint("seed-", i), "1g.18gb")
-		l := &leasev1.Lease{Id: newLeaseID(), Spec: r.GetSpec(), CreateTime: timestamppb.New(now), NotAfter: timestamppb.New(now.Add(time.Hour)), CreatedBy: operator.ID}
+		l := &leasev1.Lease{Id: leaseIDAt(now), Spec: r.GetSpec(), CreateTime: timestamppb.New(now), NotAfter: timestamppb.New(now.Add(time.Hour)), CreatedBy: operator.ID}
 		p, err := Place(nodes, held, r.GetSpec().GetGpu())
 		if err != nil {
 			tb.Fatal(err)

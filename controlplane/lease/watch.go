@@ -3,7 +3,6 @@ package lease
 import (
 	"cmp"
 	"context"
-	"encoding/base32"
 	"slices"
 	"sync"
 
@@ -13,8 +12,6 @@ import (
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 )
-
-var base32NoPad = base32.StdEncoding.WithPadding(base32.NoPadding)
 
 // watchBuffer is how many changes a watcher may fall behind before it is
 // dropped (it resumes from its last revision).
