@@ -396,8 +396,21 @@ func (t boltTx) bucket(name string) (*bolt.Bucket, error) {
 		}
 		return nil, fmt.Errorf("%w: %q", ErrUnknownBucket, name)
 	}
+	if appendOrdered[name] {
+		bk.FillPercent = appendFill
+	}
 	return bk, nil
 }
+
+// appendOrdered are the buckets whose new keys sort after the old ones
+// (sequences, time-ordered lease ids). bbolt splits a full page in
+// halves by default, right for random inserts; for appends that leaves
+// every page half empty, and a commit writes twice the pages.
+var appendOrdered = map[string]bool{BucketAudit: true, BucketLedger: true, BucketLeases: true, BucketAuditCheckpoints: true}
+
+// appendFill is how full split pages of appendOrdered buckets are left:
+// nearly full, with room for a lease row to grow by a transition or two.
+const appendFill = 0.9
 
 func (t boltTx) Get(bucket, key string) ([]byte, error) {
 	bk, err := t.bucket(bucket)
