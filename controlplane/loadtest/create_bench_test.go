@@ -3,7 +3,9 @@ package loadtest
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"path/filepath"
 	"slices"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -19,9 +22,11 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/api"
 	"github.com/gpuaas/gpuaas/controlplane/fleet"
 	"github.com/gpuaas/gpuaas/controlplane/lease"
+	"github.com/gpuaas/gpuaas/controlplane/metrics"
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/controlplane/store/storetest"
 	"github.com/gpuaas/gpuaas/pkg/identity"
+	"github.com/gpuaas/gpuaas/pkg/sanitize"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
 	nodev1 "github.com/gpuaas/gpuaas/proto/gpuaas/node/v1"
 )
@@ -42,8 +47,13 @@ func source(tb testing.TB, pki *identity.DevPKI, f identity.SVIDFiles) *identity
 	return src
 }
 
-// startEdge serves the lease API over st with nodes GPU hosts connected
-// (8 H200s each, in the fleet registry as agents' sessions put them).
+// startEdge serves the lease API over st as the daemon does
+// (controlplane/cmd/gpuaas-controlplane run): the store instrumented, RPC
+// metrics outermost, the authorizer with its rate limiter, denial auditor,
+// transport-refusal stats handler and tracer, the edge limits, and info
+// logging through the sanitizing, correlating handler (to io.Discard);
+// with nodes GPU hosts connected (8 H200s each, in the fleet registry as
+// agents' sessions put them).
 func startEdge(tb testing.TB, st store.Store, nodes int) *edge {
 	tb.Helper()
 	dir := tb.TempDir()
@@ -51,24 +61,53 @@ func startEdge(tb testing.TB, st store.Store, nodes int) *edge {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	log := slog.New(slog.DiscardHandler)
+	ctx, cancel := context.WithCancel(context.Background())
+	tb.Cleanup(cancel)
+	log := slog.New(api.CorrelatedHandler(sanitize.Logger(io.Discard, slog.LevelInfo, true).Handler()))
+	reg := prometheus.NewRegistry()
+	st, err = metrics.InstrumentStore(st, reg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	rpcMetrics, err := metrics.NewRPC(reg)
+	if err != nil {
+		tb.Fatal(err)
+	}
 	leases := lease.New(lease.Options{Store: st, Logger: log})
-	reg := fleet.NewRegistry(st, fleet.Options{Logger: log, Leases: leases})
-	leases.SetFleet(reg)
+	fl := fleet.NewRegistry(st, fleet.Options{Logger: log, Leases: leases})
+	leases.SetFleet(fl)
 	for i := 0; i < nodes; i++ {
 		inv := &nodev1.Inventory{DriverVersion: "550.90.07"}
 		for g := 0; g < 8; g++ {
 			inv.Gpus = append(inv.Gpus, &nodev1.Gpu{Index: uint32(g), Uuid: fmt.Sprintf("GPU-%03d-%d", i, g), Model: "NVIDIA H200", PciDeviceId: 0x2335, MigCapable: true, MigEnabled: true})
 		}
 		node := fmt.Sprintf("node-%03d", i)
-		if _, err := reg.Connect(context.Background(), node, "spiffe://gpuaas.test/gpuaas/agent/"+node, "127.0.0.1:1", "bench", inv); err != nil {
+		if _, err := fl.Connect(ctx, node, "spiffe://gpuaas.test/gpuaas/agent/"+node, "127.0.0.1:1", "bench", inv); err != nil {
 			tb.Fatal(err)
 		}
 	}
-	authz := api.Authorizer{TrustDomain: pki.TrustDomain}
-	srv := grpc.NewServer(
-		grpc.Creds(identity.ServerCredentials(source(tb, pki, pki.ControlPlane), identity.AuthorizeKinds(pki.TrustDomain, identity.PeerAgent, identity.PeerOperator))),
-		grpc.ChainUnaryInterceptor(authz.Unary(log)), grpc.ChainStreamInterceptor(authz.Stream(log)))
+	denials := api.NewDenialAuditor(st, api.DenialOptions{Window: time.Minute, Log: log})
+	go denials.Run(ctx)
+	tp, err := api.NewTracerProvider(ctx, api.TracingConfig{}, "gpuaas-controlplane")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { tp.Shutdown(context.Background()) })
+	authz := api.Authorizer{
+		Tracer: tp, TrustDomain: pki.TrustDomain, Denials: denials,
+		// One platform identity drives all the load: its bucket is set
+		// above the rate measured, as an operator would for the platform.
+		Limiter: api.NewRateLimiter(api.RateLimitOptions{PerSecond: 1e6, Burst: 1e6}),
+	}
+	opts := []grpc.ServerOption{
+		grpc.Creds(api.ServerCredentials(source(tb, pki, pki.ControlPlane), identity.AuthorizeKinds(pki.TrustDomain, identity.PeerAgent, identity.PeerOperator),
+			api.TLSOptions{TrustDomain: pki.TrustDomain, Denials: denials})),
+		grpc.ChainUnaryInterceptor(rpcMetrics.Unary),
+		grpc.ChainStreamInterceptor(rpcMetrics.Stream),
+	}
+	opts = append(opts, authz.ServerOptions(log)...)
+	opts = append(opts, api.Limits{}.ServerOptions()...)
+	srv := grpc.NewServer(opts...)
 	leasev1.RegisterLeaseServiceServer(srv, &api.LeaseServer{Leases: leases, Store: st, Log: log})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -105,7 +144,6 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 				clients = append(clients, leasev1.NewLeaseServiceClient(conn))
 			}
 			ctx := context.Background()
-			var seq atomic.Int64
 			var mu sync.Mutex
 			lat := make([]time.Duration, 0, b.N)
 			const workers = 64
@@ -121,8 +159,9 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 					lc := clients[w%len(clients)]
 					var mine []time.Duration
 					for left.Add(-1) >= 0 {
-						n := seq.Add(1)
-						req := &leasev1.CreateLeaseRequest{IdempotencyKey: fmt.Sprint("k", n), Spec: &leasev1.LeaseSpec{
+						// Random keys, as a platform's request UUIDs are:
+						// each lands on its own page of the index.
+						req := &leasev1.CreateLeaseRequest{IdempotencyKey: fmt.Sprintf("%016x%016x", rand.Uint64(), rand.Uint64()), Spec: &leasev1.LeaseSpec{
 							Tenant:   "acme",
 							Gpu:      &leasev1.GpuRequest{Kind: &leasev1.GpuRequest_MigProfile{MigProfile: "1g.18gb"}},
 							Workload: &leasev1.Workload{Image: "localhost/gpuaas/busybox:demo"},
@@ -142,6 +181,7 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 			}
 			wg.Wait()
 			elapsed := time.Since(start)
+			fmt.Println("groups", store.DebugGroups.Load(), "calls", store.DebugCalls.Load(), "commit-ms", store.DebugNanos.Load()/1e6, "elapsed", elapsed)
 			b.StopTimer()
 			if len(lat) > 0 {
 				slices.Sort(lat)
