@@ -3,6 +3,7 @@ module github.com/gpuaas/gpuaas
 go 1.26.6
 
 require (
+	filippo.io/bigmod v0.1.0
 	filippo.io/edwards25519 v1.2.0
 	github.com/NVIDIA/go-nvml v0.13.4-1
 	github.com/cenkalti/backoff/v5 v5.0.3

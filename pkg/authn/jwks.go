@@ -40,6 +40,9 @@ var ErrNoKeys = errors.New("no usable key set")
 type publicKey struct {
 	alg string // the one algorithm this key may verify
 	key crypto.PublicKey
+	// rs256 is an RS256 key's modulus, prepared once per key set so that
+	// no verification rebuilds it; set for every RSA key parseJWKS returns.
+	rs256 *rs256Key
 }
 
 // jwk is the part of RFC 7517 we read.
@@ -140,11 +143,19 @@ func (k jwk) publicKey() (publicKey, bool, error) {
 		if len(eb) == 0 || len(eb) > 4 {
 			return publicKey{}, false, errors.New("rsa exponent out of range")
 		}
+		if n.Bit(0) == 0 {
+			return publicKey{}, false, errors.New("rsa modulus is even")
+		}
 		e := new(big.Int).SetBytes(eb)
 		if e.Int64() < 3 || e.Int64() > 1<<31-1 || e.Bit(0) == 0 {
 			return publicKey{}, false, errors.New("rsa exponent out of range")
 		}
-		return publicKey{alg: AlgRS256, key: &rsa.PublicKey{N: n, E: int(e.Int64())}}, true, nil
+		pub := &rsa.PublicKey{N: n, E: int(e.Int64())}
+		rk, err := newRS256Key(pub)
+		if err != nil {
+			return publicKey{}, false, err
+		}
+		return publicKey{alg: AlgRS256, key: pub, rs256: rk}, true, nil
 	case "EC":
 		if k.Crv != "P-256" || (k.Alg != "" && k.Alg != AlgES256) {
 			return publicKey{}, false, nil

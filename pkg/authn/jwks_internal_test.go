@@ -25,6 +25,7 @@ func TestParseJWKSAcceptsOnlySignatureKeysOfAcceptedTypes(t *testing.T) {
 	}
 	for name, bad := range map[string]string{
 		"small rsa":     `{"keys":[{"kty":"RSA","kid":"a","n":"AQAB","e":"AQAB"}]}`,
+		"even modulus":  `{"keys":[{"kty":"RSA","kid":"a","n":"` + rsaN[:len(rsaN)-2] + `Rg","e":"AQAB"}]}`,
 		"even exponent": `{"keys":[{"kty":"RSA","kid":"a","n":"` + rsaN + `","e":"Ag"}]}`,
 		"dup kid":       `{"keys":[{"kty":"RSA","kid":"a","n":"` + rsaN + `","e":"AQAB"},{"kty":"RSA","kid":"a","n":"` + rsaN + `","e":"AQAB"}]}`,
 		"off curve":     `{"keys":[{"kty":"EC","kid":"a","crv":"P-256","x":"` + strings.Repeat("A", 43) + `","y":"` + strings.Repeat("B", 43) + `"}]}`,
@@ -59,7 +60,11 @@ func FuzzParseJWKS(f *testing.F) {
 				t.Fatal("a key without a kid was accepted")
 			}
 			switch k.alg {
-			case AlgRS256, AlgES256, AlgEdDSA:
+			case AlgRS256:
+				if k.rs256 == nil {
+					t.Fatalf("RS256 key %q without its prepared modulus", kid)
+				}
+			case AlgES256, AlgEdDSA:
 			default:
 				t.Fatalf("key %q for algorithm %q", kid, k.alg)
 			}

@@ -201,8 +201,9 @@ func tokenError(reason, msg string, cause error) error {
 //
 // The order: size; the verified-token cache; the header (algorithm
 // allowlist, no crit, a kid); the key, whose own algorithm must be the
-// header's; the signature over the signing input, with crypto/rsa,
-// crypto/ecdsa or crypto/ed25519; only then the claims.
+// header's; the signature over the signing input (RS256 with the key's
+// prepared modulus, rs256.go; ES256 and EdDSA with crypto/ecdsa and
+// crypto/ed25519); only then the claims.
 func (v *Verifier) Verify(ctx context.Context, token string) (Principal, error) {
 	if len(token) > MaxTokenBytes {
 		return Principal{}, tokenError("TOKEN_TOO_LARGE", "bearer token too large", nil)
@@ -321,11 +322,16 @@ func (v *Verifier) header(buf []byte, fields []member, seg string) (alg, kid str
 func verifySignature(key publicKey, signing string, sig []byte) error {
 	switch key.alg {
 	case AlgRS256:
+		digest := sha256.Sum256([]byte(signing))
+		if key.rs256 != nil {
+			return key.rs256.verify(&digest, sig)
+		}
+		// A key not prepared by parseJWKS: crypto/rsa, which rebuilds the
+		// modulus per call.
 		pub, ok := key.key.(*rsa.PublicKey)
 		if !ok {
 			return errKeyType
 		}
-		digest := sha256.Sum256([]byte(signing))
 		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig)
 	case AlgES256:
 		pub, ok := key.key.(*ecdsa.PublicKey)
