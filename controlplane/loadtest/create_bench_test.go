@@ -132,7 +132,7 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 			} else {
 				st = storetest.OpenBoltStore(b)
 			}
-			e := startEdge(b, st, 64)
+			e := startEdge(b, st, 256)
 			src := source(b, e.pki, e.pki.Operators["alice"])
 			var clients []leasev1.LeaseServiceClient
 			for i := 0; i < 8; i++ {
@@ -181,7 +181,6 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 			}
 			wg.Wait()
 			elapsed := time.Since(start)
-			fmt.Println("groups", store.DebugGroups.Load(), "calls", store.DebugCalls.Load(), "commit-ms", store.DebugNanos.Load()/1e6, "elapsed", elapsed)
 			b.StopTimer()
 			if len(lat) > 0 {
 				slices.Sort(lat)
