@@ -147,6 +147,7 @@ func (r *Registry) EnableAttestation(o AttestOptions) (*Attestor, error) {
 	r.mu.Lock()
 	r.attest = a
 	r.mu.Unlock()
+	r.changed()
 	return a, nil
 }
 
@@ -195,6 +196,7 @@ func (a *Attestor) load(ctx context.Context) error {
 		na.status, na.reportTime = rec.Latest.Status, rec.Latest.ReportTime
 	}
 	a.loaded = true
+	a.reg.changed()
 	return nil
 }
 
@@ -223,16 +225,21 @@ func (a *Attestor) Status(node string) attestation.Status {
 }
 
 // eligibleSet reports which of nodes may take new leases, under one lock.
-func (a *Attestor) eligibleSet(nodes []string, now time.Time) map[string]bool {
+func (a *Attestor) eligibleSet(nodes []string, now time.Time) (map[string]bool, time.Time) {
 	out := make(map[string]bool, len(nodes))
+	var until time.Time
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, n := range nodes {
 		if na := a.nodes[n]; na != nil && a.effective(na.status, na.reportTime, now) == attestation.StatusPass {
 			out[n] = true
+			// PASS until more than maxAge after the report (effective).
+			if stale := na.reportTime.Add(a.maxAge); until.IsZero() || stale.Before(until) {
+				until = stale
+			}
 		}
 	}
-	return out
+	return out, until
 }
 
 // Challenge makes a new challenge for node's agent.
@@ -482,6 +489,7 @@ func (a *Attestor) record(ctx context.Context, node string, v attestation.Verdic
 	na := a.node(node)
 	na.status, na.reportTime = v.Status, v.ReportTime
 	a.mu.Unlock()
+	a.reg.changed()
 	return rec, nil
 }
 

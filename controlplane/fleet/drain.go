@@ -132,6 +132,7 @@ func (r *Registry) CordonGPU(ctx context.Context, c lease.Caller, node, gpu stri
 		delete(r.cordonedGPUs[node], gpu)
 	}
 	r.mu.Unlock()
+	r.changed()
 	r.log.Info("gpu cordon changed", "node", node, "gpu", gpu, "cordoned", cordon, "by", c.ID)
 	return nil
 }

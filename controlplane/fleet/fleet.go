@@ -75,7 +75,26 @@ type Registry struct {
 	// spread over replicas and the leader watches the whole fleet.
 	presence Presence
 	ha       haState
+
+	// connected caches ConnectedNodes (read on every placement) until
+	// viewGen moves: every change to what it reads (sessions,
+	// inventories, cordons, attestation) calls changed.
+	viewGen   atomic.Uint64
+	connected atomic.Pointer[connectedView]
 }
+
+// connectedView is a ConnectedNodes result, shared by its callers and
+// never modified.
+type connectedView struct {
+	gen uint64
+	// until is when the first attested node in it turns stale by age
+	// alone; zero if none can.
+	until time.Time
+	nodes []lease.NodeView
+}
+
+// changed invalidates the cached ConnectedNodes.
+func (r *Registry) changed() { r.viewGen.Add(1) }
 
 // Options configures a registry.
 type Options struct {
@@ -137,6 +156,7 @@ func (r *Registry) Connect(ctx context.Context, node, peerID, remote, version st
 	r.sessions[node] = s
 	r.touchLocked(node, now)
 	r.mu.Unlock()
+	r.changed()
 	r.log.Info("agent connected", "node", node, "peer", peerID, "remote", remote, "gpus", len(inv.GetGpus()))
 	return s, nil
 }
@@ -172,6 +192,9 @@ func (r *Registry) Disconnect(ctx context.Context, s *Session) {
 		}
 	}
 	r.mu.Unlock()
+	if current {
+		r.changed()
+	}
 	if current && r.presence != nil {
 		if err := r.presence.Release(ctx, s.Node); err != nil {
 			r.log.Warn("release presence on disconnect", "node", s.Node, "err", err)
@@ -190,10 +213,15 @@ func (r *Registry) Seen(ctx context.Context, s *Session, inv *nodev1.Inventory) 
 	now := r.now()
 	s.mu.Lock()
 	s.lastSeen = now
+	moved := false
 	if inv != nil {
+		moved = !proto.Equal(s.inventory, inv)
 		s.inventory = inv
 	}
 	s.mu.Unlock()
+	if moved {
+		r.changed()
+	}
 	r.mu.Lock()
 	if r.sessions[s.Node] == s {
 		r.touchLocked(s.Node, now)
@@ -247,11 +275,28 @@ func (r *Registry) persistConnect(ctx context.Context, s *Session) error {
 
 // ConnectedNodes implements lease.Fleet: the nodes with a session that are
 // not cordoned and, with attestation enabled, whose attestation is PASS.
-// It holds the registry's lock only to copy the session list: heartbeats
-// (Seen) take the same lock, and a walk over a large fleet under it would
-// delay them past their deadline.
+// The result is shared and must not be modified: it is built again only
+// after a change (changed) or when an attestation in it ages out, so a
+// placement on a large fleet neither walks it nor queues on the
+// registry's lock.
 func (r *Registry) ConnectedNodes() []lease.NodeView {
 	now := r.now()
+	gen := r.viewGen.Load()
+	if v := r.connected.Load(); v != nil && v.gen == gen && (v.until.IsZero() || now.Before(v.until)) {
+		return v.nodes
+	}
+	// gen was read before the build: a change during it leaves the
+	// stored view behind viewGen, and the next call builds again.
+	nodes, until := r.buildConnected(now)
+	r.connected.Store(&connectedView{gen: gen, until: until, nodes: nodes})
+	return nodes
+}
+
+// buildConnected walks the fleet for ConnectedNodes. It holds the
+// registry's lock only to copy the session list: heartbeats (Seen) take
+// the same lock, and a walk over a large fleet under it would delay them
+// past their deadline.
+func (r *Registry) buildConnected(now time.Time) ([]lease.NodeView, time.Time) {
 	type cand struct {
 		node string
 		s    *Session      // a session this process holds, or
@@ -280,12 +325,13 @@ func (r *Registry) ConnectedNodes() []lease.NodeView {
 	attest := r.attest
 	r.mu.Unlock()
 	var ok map[string]bool
+	var until time.Time
 	if attest != nil {
 		names := make([]string, len(cands))
 		for i, c := range cands {
 			names[i] = c.node
 		}
-		ok = attest.eligibleSet(names, now)
+		ok, until = attest.eligibleSet(names, now)
 	}
 	out := make([]lease.NodeView, 0, len(cands))
 	for _, c := range cands {
@@ -309,7 +355,7 @@ func (r *Registry) ConnectedNodes() []lease.NodeView {
 		}
 		out = append(out, lease.NodeView{ID: c.node, GPUs: gpus})
 	}
-	return out
+	return out, until
 }
 
 // Notify implements lease.Fleet.

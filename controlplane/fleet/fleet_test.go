@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -372,4 +374,87 @@ func TestNodeOfAnUnknownIDIsNotFound(t *testing.T) {
 	if !errors.Is(err, errs.ErrNotFound) || errs.ReasonOf(err) != "NODE_NOT_FOUND" {
 		t.Fatalf("Node(node-z) = %v, want not found (NODE_NOT_FOUND)", err)
 	}
+}
+
+// TestConnectedNodesFollowsEveryChange: ConnectedNodes hands out one
+// shared list until something it describes changes, and every kind of
+// change shows in the next call.
+func TestConnectedNodesFollowsEveryChange(t *testing.T) {
+	ctx := context.Background()
+	r := fleet.New(openStore(t), nil)
+	list := func() string {
+		var out []string
+		for _, n := range r.ConnectedNodes() {
+			var gpus []string
+			for _, g := range n.GPUs {
+				gpus = append(gpus, g.GetUuid())
+				if g.GetUnhealthy() {
+					gpus[len(gpus)-1] += "!"
+				}
+			}
+			out = append(out, n.ID+"["+strings.Join(gpus, " ")+"]")
+		}
+		sort.Strings(out)
+		return strings.Join(out, " ")
+	}
+	expect := func(step, want string) {
+		t.Helper()
+		if got := list(); got != want {
+			t.Fatalf("%s: connected %q, want %q", step, got, want)
+		}
+	}
+	a, err := r.Connect(ctx, "node-a", peerA, "", "test", inventory("GPU-a0", "GPU-a1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect("connect a", "node-a[GPU-a0 GPU-a1]")
+	b, err := r.Connect(ctx, "node-b", "spiffe://gpuaas.test/gpuaas/agent/node-b", "", "test", inventory("GPU-b0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect("connect b", "node-a[GPU-a0 GPU-a1] node-b[GPU-b0]")
+	first, again := r.ConnectedNodes(), r.ConnectedNodes()
+	if &first[0] != &again[0] {
+		t.Fatal("an unchanged fleet built its list again")
+	}
+	// A heartbeat with the same inventory keeps the list; a changed one
+	// does not.
+	if err := r.Seen(ctx, a, inventory("GPU-a0", "GPU-a1")); err != nil {
+		t.Fatal(err)
+	}
+	if again := r.ConnectedNodes(); &first[0] != &again[0] {
+		t.Fatal("an identical inventory built the list again")
+	}
+	sick := inventory("GPU-a0", "GPU-a1")
+	sick.Gpus[1].Unhealthy = true
+	if err := r.Seen(ctx, a, sick); err != nil {
+		t.Fatal(err)
+	}
+	expect("a GPU turns unhealthy", "node-a[GPU-a0 GPU-a1!] node-b[GPU-b0]")
+	if err := r.CordonGPU(ctx, operator, "node-a", "GPU-a0", true, "test"); err != nil {
+		t.Fatal(err)
+	}
+	expect("cordon GPU-a0", "node-a[GPU-a1!] node-b[GPU-b0]")
+	if err := r.Cordon(ctx, operator, "node-b", true, "test"); err != nil {
+		t.Fatal(err)
+	}
+	expect("cordon node-b", "node-a[GPU-a1!]")
+	if err := r.Cordon(ctx, operator, "node-b", false, "test"); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.CordonGPU(ctx, operator, "node-a", "GPU-a0", false, "test"); err != nil {
+		t.Fatal(err)
+	}
+	expect("uncordon both", "node-a[GPU-a0 GPU-a1!] node-b[GPU-b0]")
+	r.Disconnect(ctx, b)
+	expect("disconnect b", "node-a[GPU-a0 GPU-a1!]")
+	a2, err := r.Connect(ctx, "node-a", peerA, "", "test", inventory("GPU-a0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	expect("a reconnects with one GPU", "node-a[GPU-a0]")
+	r.Disconnect(ctx, a) // the replaced session: no change
+	expect("the old session of a leaves", "node-a[GPU-a0]")
+	r.Disconnect(ctx, a2)
+	expect("a leaves", "")
 }

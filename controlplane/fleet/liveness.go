@@ -282,6 +282,9 @@ func (r *Registry) markDown(ctx context.Context, node string, now time.Time) (bo
 		close(s.Replaced) // ends the silent session; the agent reconnects
 	}
 	r.mu.Unlock()
+	if ended {
+		r.changed()
+	}
 	if ended && r.presence != nil {
 		if err := r.presence.Release(ctx, node); err != nil {
 			r.log.Warn("release presence of a node declared down", "node", node, "err", err)
@@ -400,6 +403,7 @@ func (r *Registry) Cordon(ctx context.Context, c lease.Caller, node string, cord
 }
 
 func (r *Registry) setCordoned(node string, cordon bool) {
+	defer r.changed()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if cordon {
@@ -470,5 +474,6 @@ func (r *Registry) loadCordons(ctx context.Context) error {
 	r.mu.Lock()
 	r.cordoned, r.cordonedGPUs = cordoned, gpus
 	r.mu.Unlock()
+	r.changed()
 	return nil
 }

@@ -230,6 +230,7 @@ func (r *Registry) refreshRemote(ctx context.Context, present map[string]string,
 	r.mu.Lock()
 	r.ha.remote, r.ha.remoteAt = remote, now
 	r.mu.Unlock()
+	r.changed()
 	return nil
 }
 
@@ -242,6 +243,7 @@ func (a *Attestor) setRemote(recs map[string]AttestationRecord) {
 		na := a.node(n)
 		na.status, na.reportTime = rec.Latest.Status, rec.Latest.ReportTime
 	}
+	a.reg.changed()
 }
 
 // NotifyAll wakes every session this replica holds: each agent is sent

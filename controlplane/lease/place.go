@@ -70,6 +70,14 @@ type fleetView struct {
 	// src is what it was built from, by node id; nil if it cannot be
 	// matched (node ids were not unique).
 	src map[string]*srcNode
+	// from is the slice it was built from: the fleet hands out the same
+	// slice only while it is unchanged (Fleet).
+	from []NodeView
+}
+
+// builtFrom reports whether nodes is the very slice v was built from.
+func (v *fleetView) builtFrom(nodes []NodeView) bool {
+	return v.src != nil && len(nodes) > 0 && len(nodes) == len(v.from) && &nodes[0] == &v.from[0]
 }
 
 // gpuClass is a GPU state as Place deduplicates it (stateKey): GPUs of one
@@ -258,13 +266,13 @@ func (p *placer) view(nodes []NodeView) *fleetView {
 	views := p.views
 	p.mu.Unlock()
 	for _, v := range views {
-		if v.matches(nodes) {
+		if v.builtFrom(nodes) || v.matches(nodes) {
 			return v
 		}
 	}
 	sorted := slices.Clone(nodes)
 	slices.SortFunc(sorted, byID)
-	v := &fleetView{byUUID: map[string][]int{}, src: map[string]*srcNode{}}
+	v := &fleetView{byUUID: map[string][]int{}, src: map[string]*srcNode{}, from: nodes}
 	for i, n := range sorted {
 		if _, dup := v.src[n.ID]; dup || v.src == nil {
 			v.src = nil // two nodes of one id: never matched again

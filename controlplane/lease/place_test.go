@@ -175,9 +175,15 @@ func TestPlacer_ViewFollowsTheFleet(t *testing.T) {
 	if got, ok := p.build(v3, "t1", nil).place(req); ok {
 		t.Fatalf("placed %v on a fleet with no room for a 7g", got)
 	}
-	// A message changed in place is a changed fleet too.
+	// The very slice a view was built from gets that view back (a fleet
+	// hands it out again only while unchanged, see Fleet).
+	if p.view(nodes) != v1 {
+		t.Fatal("the slice v1 was built from got another view")
+	}
+	// A message changed in place is a changed fleet too, in the next
+	// list the fleet hands out.
 	nodes[0].GPUs[0].MigEnabled = false
-	if p.view(nodes) == v1 {
+	if p.view(slices.Clone(nodes)) == v1 {
 		t.Fatal("a GPU changed in place kept its old view")
 	}
 }

@@ -51,6 +51,9 @@ type Caller struct {
 
 // Fleet is what the lease service needs of the fleet: the connected nodes
 // to place on, and a way to tell a node its desired state changed.
+// ConnectedNodes' result is read only; a fleet may return the very same
+// slice again only while nothing it describes (down to each GPU) has
+// changed, and placement then reuses what it derived from it.
 type Fleet interface {
 	ConnectedNodes() []NodeView
 	Notify(node string)
