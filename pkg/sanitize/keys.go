@@ -2,7 +2,10 @@ package sanitize
 
 import (
 	"bytes"
+	"maps"
 	"strings"
+	"sync"
+	"sync/atomic"
 )
 
 // Redacted replaces every value this package hides.
@@ -45,8 +48,52 @@ var keyNeedles = [][]byte{
 //
 // The rule over-matches on purpose ("monkey", "token_count"): hiding a
 // harmless value is cheap, leaking a secret is not. It does not allocate for
-// keys up to 64 bytes.
+// keys up to 64 bytes once it has seen them.
 func IsSensitiveKey(key string) bool {
+	if m := keyMemo.Load(); m != nil {
+		if v, ok := (*m)[key]; ok {
+			return v
+		}
+	}
+	v := isSensitiveKey(key)
+	rememberKey(key, v)
+	return v
+}
+
+// keyMemo holds IsSensitiveKey's answers (copied on write, read without a
+// lock): the keys a daemon logs are a small set of constants, checked on
+// every record. It is bounded, so keys built from input cannot grow it;
+// past the bound, keys are decided each time.
+var (
+	keyMemo   atomic.Pointer[map[string]bool]
+	keyMemoMu sync.Mutex
+)
+
+const maxMemoKeys = 512
+
+func rememberKey(key string, v bool) {
+	if len(key) > 64 {
+		return
+	}
+	keyMemoMu.Lock()
+	defer keyMemoMu.Unlock()
+	var old map[string]bool
+	if m := keyMemo.Load(); m != nil {
+		old = *m
+	}
+	if len(old) >= maxMemoKeys {
+		return
+	}
+	if _, ok := old[key]; ok {
+		return
+	}
+	m := make(map[string]bool, len(old)+1)
+	maps.Copy(m, old)
+	m[strings.Clone(key)] = v
+	keyMemo.Store(&m)
+}
+
+func isSensitiveKey(key string) bool {
 	if key == "" {
 		return false
 	}
