@@ -109,6 +109,9 @@ type Denial struct {
 	// Claimed is an identity the caller claimed but did not prove (the
 	// SPIFFE ID of a certificate that failed verification).
 	Claimed string
+	// Time is when the call was refused (the edge passes the time it read
+	// at the call's start); zero: now.
+	Time time.Time
 }
 
 type denialWindow struct {
@@ -205,7 +208,10 @@ func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
 	if actor == "" {
 		actor = UnauthenticatedActor
 	}
-	now := d.o.Now()
+	now := x.Time
+	if now.IsZero() {
+		now = d.o.Now()
+	}
 	d.mu.Lock()
 	admit := d.admitLocked(key, actor, now) && d.admitLocked(globalKey, "", now) && len(d.pending) < d.o.Queue
 	if !admit {

@@ -15,9 +15,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 
+	"github.com/gpuaas/gpuaas/controlplane/audit"
 	"github.com/gpuaas/gpuaas/pkg/errs"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 )
@@ -195,15 +197,42 @@ func classifyCertRefusal(raw [][]byte, td spiffeid.TrustDomain, err error) (clai
 type rpcMark struct {
 	method  string
 	reached atomic.Bool
+	// header is the call's incoming metadata as the transport decoded it
+	// (keys lower-case), from the InHeader event before any interceptor
+	// runs; nil until then.
+	header metadata.MD
+	// corr is the call's correlation (audit.Slot), set by beginCall.
+	corr audit.Correlation
 }
 
-type rpcMarkKey struct{}
+func (m *rpcMark) Correlation() audit.Correlation     { return m.corr }
+func (m *rpcMark) SetCorrelation(c audit.Correlation) { m.corr = c }
+
+// markOf is the call's mark, nil outside a call the stats handler tagged.
+// The mark is the call's audit slot: one context value for both.
+func markOf(ctx context.Context) *rpcMark {
+	m, _ := audit.SlotFrom(ctx).(*rpcMark)
+	return m
+}
 
 // markReached notes that the call got to the interceptors.
 func markReached(ctx context.Context) {
-	if m, ok := ctx.Value(rpcMarkKey{}).(*rpcMark); ok {
+	if m := markOf(ctx); m != nil {
 		m.reached.Store(true)
 	}
+}
+
+// incomingHeader is the values of the call's incoming header key (lower
+// case). Through the mark it is one map lookup: the transport's header
+// map is copied once for the stats handlers anyway, and
+// metadata.ValueFromIncomingContext walks every header when the key is
+// absent (the commonest case: no authorization on a refused call) and
+// copies the values when present.
+func incomingHeader(ctx context.Context, key string) []string {
+	if m := markOf(ctx); m != nil && m.header != nil {
+		return m.header[key]
+	}
+	return metadata.ValueFromIncomingContext(ctx, key)
 }
 
 // transportRefusals is a stats handler that audits calls the gRPC
@@ -215,16 +244,22 @@ type transportRefusals struct {
 }
 
 func (t *transportRefusals) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
-	return context.WithValue(ctx, rpcMarkKey{}, &rpcMark{method: info.FullMethodName})
+	return audit.WithSlot(ctx, &rpcMark{method: info.FullMethodName})
 }
 
 func (t *transportRefusals) HandleRPC(ctx context.Context, s stats.RPCStats) {
+	if in, ok := s.(*stats.InHeader); ok && !in.IsClient() {
+		if m := markOf(ctx); m != nil {
+			m.header = in.Header
+		}
+		return
+	}
 	end, ok := s.(*stats.End)
 	if !ok || end.Error == nil || t.denials == nil || end.IsClient() {
 		return
 	}
-	m, ok := ctx.Value(rpcMarkKey{}).(*rpcMark)
-	if !ok || m.reached.Load() {
+	m := markOf(ctx)
+	if m == nil || m.reached.Load() {
 		return
 	}
 	if st, _ := status.FromError(end.Error); st.Code() == codes.ResourceExhausted {

@@ -10,6 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpuaas/gpuaas/controlplane/lease"
@@ -19,15 +20,16 @@ import (
 )
 
 // BenchmarkEdgeRejectVsServe is the server's work for one GetLease after
-// the transport decoded it, on the production path (the edge's unary
-// interceptor with a denial auditor and rate limiter, the sanitizing
-// logger at info level, LeaseServer on bbolt): refusing a call without
-// credentials versus serving an operator's. Both sides enter the
-// interceptor the same way a served call does: a peer (TLS, with or
-// without a client certificate), the incoming metadata every gRPC client
-// sends, and a server transport stream (so the request-id header is set
-// on both). test/security's BenchmarkRejectVsServe measures the same
-// through a real gRPC server.
+// the transport decoded it, on the production path (the edge's stats
+// handler and unary interceptor with a denial auditor and rate limiter,
+// the sanitizing logger at info level, LeaseServer on bbolt): refusing a
+// call without credentials versus serving an operator's. Both sides enter
+// as a served call does: a peer (TLS, with or without a client
+// certificate), the incoming metadata every gRPC client sends, a server
+// transport stream (so the request-id header is set on both), and the
+// edge's stats handler tagging the call and seeing its header and end.
+// test/security's BenchmarkRejectVsServe measures the same through a real
+// gRPC server.
 func BenchmarkEdgeRejectVsServe(b *testing.B) {
 	st := openStore(b)
 	td := spiffeid.RequireTrustDomainFromString("gpuaas.test")
@@ -53,6 +55,7 @@ func BenchmarkEdgeRejectVsServe(b *testing.B) {
 		return srv.GetLease(ctx, req.(*leasev1.GetLeaseRequest))
 	}
 	req := &leasev1.GetLeaseRequest{Id: l.GetId()}
+	sh := &transportRefusals{denials: a.Denials}
 	for _, c := range []struct {
 		name string
 		ctx  context.Context
@@ -61,24 +64,32 @@ func BenchmarkEdgeRejectVsServe(b *testing.B) {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, err := unary(c.ctx, req, info, handler); (err == nil) != c.ok {
+				// As grpc-go's server does for each call (handleStream,
+				// processUnaryRPC) with a stats handler installed.
+				ctx := sh.TagRPC(c.ctx, &stats.RPCTagInfo{FullMethodName: info.FullMethod})
+				sh.HandleRPC(ctx, &stats.InHeader{FullMethod: info.FullMethod, Header: clientHeaders})
+				_, err := unary(ctx, req, info, handler)
+				if (err == nil) != c.ok {
 					b.Fatal(err)
 				}
+				sh.HandleRPC(ctx, &stats.End{Error: err})
 			}
 		})
 	}
 }
 
-// servedCall is ctx as gRPC hands it to a unary interceptor: the headers
-// a grpc-go client sends, and a transport stream.
+// clientHeaders are the headers a grpc-go client sends.
+var clientHeaders = metadata.MD{
+	":authority":   {"controlplane.gpuaas.test:8443"},
+	"content-type": {"application/grpc"},
+	"user-agent":   {"grpc-go/1.79.0"},
+	"te":           {"trailers"},
+}
+
+// servedCall is ctx as gRPC hands it to the stats handler: the headers a
+// grpc-go client sends, and a transport stream.
 func servedCall(ctx context.Context, method string) context.Context {
-	md := metadata.MD{
-		":authority":   {"controlplane.gpuaas.test:8443"},
-		"content-type": {"application/grpc"},
-		"user-agent":   {"grpc-go/1.79.0"},
-		"te":           {"trailers"},
-	}
-	return grpc.NewContextWithServerTransportStream(metadata.NewIncomingContext(ctx, md), &benchStream{method: method})
+	return grpc.NewContextWithServerTransportStream(metadata.NewIncomingContext(ctx, clientHeaders), &benchStream{method: method})
 }
 
 // benchStream is a grpc.ServerTransportStream that keeps nothing.

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -134,9 +135,7 @@ type refusal struct {
 // metadata; present is true when the caller sent an authorization header
 // at all (a malformed one is an error, not an absent one).
 func bearerToken(ctx context.Context) (token string, present bool, err error) {
-	// Not metadata.FromIncomingContext: that copies every header of the
-	// call, which a call without a token would pay for nothing.
-	vals := metadata.ValueFromIncomingContext(ctx, "authorization")
+	vals := incomingHeader(ctx, "authorization")
 	if len(vals) == 0 {
 		return "", false, nil
 	}
@@ -272,12 +271,12 @@ func (a Authorizer) deadline(ctx context.Context) (context.Context, context.Canc
 	return context.WithTimeout(ctx, a.UnaryTimeout)
 }
 
-// refused audits a refused call.
-func (a Authorizer) refused(ctx context.Context, method string, r *refusal) {
+// refused audits a call refused at time at.
+func (a Authorizer) refused(ctx context.Context, method string, r *refusal, at time.Time) {
 	if a.Denials == nil {
 		return
 	}
-	a.Denials.Record(ctx, Denial{Actor: r.actor, Tenant: r.tenant, Method: method, Err: r.err, RequestID: requestID(ctx)})
+	a.Denials.Record(ctx, Denial{Actor: r.actor, Tenant: r.tenant, Method: method, Err: r.err, RequestID: requestID(ctx), Time: at})
 }
 
 // handlerDenial audits a denial decided by a handler: PermissionDenied or
@@ -326,13 +325,7 @@ func (a Authorizer) Unary(log *slog.Logger) grpc.UnaryServerInterceptor {
 	return func(rctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
 		start := time.Now()
 		markReached(rctx)
-		ctx := beginCall(rctx, func(id string) {
-			// Outside a served call (a benchmark) there is no header to
-			// set; the id still names the call everywhere else.
-			if grpc.ServerTransportStreamFromContext(rctx) != nil {
-				_ = grpc.SetHeader(rctx, metadata.MD{RequestIDHeader: {id}})
-			}
-		})
+		ctx := beginCall(rctx, func(id string) { sendRequestID(rctx, id) })
 		who := ""
 		defer func() {
 			if p := recover(); p != nil {
@@ -344,7 +337,7 @@ func (a Authorizer) Unary(log *slog.Logger) grpc.UnaryServerInterceptor {
 		actx, r := a.admit(ctx, info.FullMethod, func(md metadata.MD) { _ = grpc.SetTrailer(ctx, md) })
 		if r != nil {
 			who = r.actor
-			a.refused(ctx, info.FullMethod, r)
+			a.refused(ctx, info.FullMethod, r, start)
 			return nil, r.err
 		}
 		who = principalID(actx)
@@ -382,7 +375,7 @@ func (a Authorizer) Stream(log *slog.Logger) grpc.StreamServerInterceptor {
 		actx, r := a.admit(ctx, info.FullMethod, ss.SetTrailer)
 		if r != nil {
 			who = r.actor
-			a.refused(ctx, info.FullMethod, r)
+			a.refused(ctx, info.FullMethod, r, start)
 			return r.err
 		}
 		who = principalID(actx)
@@ -429,6 +422,26 @@ func principalID(ctx context.Context) string {
 		return p.ID()
 	}
 	return ""
+}
+
+// requestIDHeaders recycles the one-key header maps sendRequestID hands to
+// grpc.SetHeader, which merges them into the stream's own header (the
+// transport keeps none of it): a map per call would be most of what
+// refusing a call allocates.
+var requestIDHeaders = sync.Pool{New: func() any { return metadata.MD{RequestIDHeader: make([]string, 1)} }}
+
+// sendRequestID sets the response header that returns the call's request
+// id. Outside a served call (a benchmark) there is no header to set; the
+// id still names the call everywhere else.
+func sendRequestID(ctx context.Context, id string) {
+	if grpc.ServerTransportStreamFromContext(ctx) == nil {
+		return
+	}
+	md := requestIDHeaders.Get().(metadata.MD)
+	md[RequestIDHeader][0] = id
+	_ = grpc.SetHeader(ctx, md)
+	md[RequestIDHeader][0] = ""
+	requestIDHeaders.Put(md)
 }
 
 // refusalLogs bounds the "rpc refused" log lines of the process: a flood

@@ -20,7 +20,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/gpuaas/gpuaas/controlplane/audit"
 )
@@ -91,8 +90,7 @@ var (
 // incomingRequestID is the caller's request id if it sent exactly one
 // well-formed value.
 func incomingRequestID(ctx context.Context) (string, bool) {
-	// Not FromIncomingContext: that copies every header of the call.
-	v := metadata.ValueFromIncomingContext(ctx, RequestIDHeader)
+	v := incomingHeader(ctx, RequestIDHeader)
 	if len(v) != 1 || !ValidRequestID(v[0]) {
 		return "", false
 	}
@@ -124,6 +122,12 @@ func beginCall(ctx context.Context, setHeader func(id string)) context.Context {
 	}
 	if sc := span.SpanContext(); sc.HasTraceID() {
 		c.TraceID = sc.TraceID().String()
+	}
+	// The call's mark (TagRPC) holds it if the call has one: no new
+	// context to allocate.
+	if s := audit.SlotFrom(ctx); s != nil {
+		s.SetCorrelation(c)
+		return ctx
 	}
 	return audit.NewContext(ctx, c)
 }
@@ -224,9 +228,16 @@ func NewTracerProvider(ctx context.Context, c TracingConfig, service string) (*s
 	if ratio == 0 {
 		ratio = 1
 	}
+	// With no exporter nothing reads a span's contents: spans are not
+	// recorded (no attributes, events or timing kept), but each still has
+	// a trace id and span id for logs and audit entries.
+	sampler := sdktrace.NeverSample()
+	if c.Exporter == ExporterOTLP {
+		sampler = sdktrace.ParentBased(sdktrace.TraceIDRatioBased(ratio))
+	}
 	opts := []sdktrace.TracerProviderOption{
 		sdktrace.WithResource(resource.NewSchemaless(attribute.String("service.name", service))),
-		sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(ratio))),
+		sdktrace.WithSampler(sampler),
 	}
 	if c.Exporter == ExporterOTLP {
 		eo := []otlptracegrpc.Option{otlptracegrpc.WithEndpoint(c.Endpoint)}

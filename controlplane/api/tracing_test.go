@@ -560,8 +560,11 @@ func TestNewTracerProviderGivesEveryCallATraceID(t *testing.T) {
 	defer tp.Shutdown(context.Background())
 	_, span := tp.Tracer("test").Start(context.Background(), "x")
 	defer span.End()
-	if !span.SpanContext().HasTraceID() || !span.IsRecording() {
-		t.Fatal("exporter none: spans must still be recorded with trace ids")
+	if !span.SpanContext().HasTraceID() || !span.SpanContext().HasSpanID() {
+		t.Fatal("exporter none: spans must still have trace and span ids")
+	}
+	if span.IsRecording() {
+		t.Fatal("exporter none: spans are recorded though nothing reads them")
 	}
 	if _, err := NewTracerProvider(context.Background(), TracingConfig{Exporter: "zipkin"}, "x"); err == nil {
 		t.Fatal("unknown exporter accepted")
@@ -624,4 +627,42 @@ func TestCallersCannotChooseTheTraceID(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConcurrentCallsKeepTheirOwnRequestIDs: many calls at once each read
+// their own request id header (through the stats handler's copy of the
+// headers) and get it back in their own response header and error: the
+// recycled header maps never mix two calls' ids.
+func TestConcurrentCallsKeepTheirOwnRequestIDs(t *testing.T) {
+	s := startTracedServer(t, tracedOptions{})
+	lc := leasev1.NewLeaseServiceClient(s.dial(t, sourceFor(t, s.pki, s.pki.Operators["alice"])))
+	var wg sync.WaitGroup
+	for w := range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 20 {
+				sent := fmt.Sprintf("req-%d-%d", w, i)
+				if i%2 == 1 {
+					sent = "" // the server makes one
+				}
+				ctx := context.Background()
+				if sent != "" {
+					ctx = metadata.AppendToOutgoingContext(ctx, RequestIDHeader, sent)
+				}
+				var md metadata.MD
+				_, err := lc.GetLease(ctx, &leasev1.GetLeaseRequest{Id: "l-aaaaaaaaaaaaaaaaaaaa"}, grpc.Header(&md))
+				if errs.Code(err) != codes.NotFound {
+					t.Errorf("err = %v, want NotFound", err)
+					return
+				}
+				id := errs.RequestIDOf(err)
+				if h := md.Get(RequestIDHeader); len(h) != 1 || h[0] != id || (sent != "" && id != sent) || !ValidRequestID(id) {
+					t.Errorf("sent %q: header %q, error request id %q", sent, h, id)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }

@@ -121,10 +121,36 @@ func NewContext(ctx context.Context, c Correlation) context.Context {
 	return context.WithValue(ctx, correlationKey{}, c)
 }
 
+// Slot holds the correlation of a call whose context is made before the
+// correlation is known (a gRPC stats handler tags each call before the
+// edge's interceptor gives it a request id). The edge fills it once, before
+// anything reads it.
+type Slot interface {
+	Correlation() Correlation
+	SetCorrelation(Correlation)
+}
+
+// WithSlot returns ctx carrying s: CorrelationFrom(ctx) is what s holds.
+func WithSlot(ctx context.Context, s Slot) context.Context {
+	return context.WithValue(ctx, correlationKey{}, s)
+}
+
+// SlotFrom returns the slot ctx carries, nil if none (or if NewContext set
+// a correlation over it).
+func SlotFrom(ctx context.Context) Slot {
+	s, _ := ctx.Value(correlationKey{}).(Slot)
+	return s
+}
+
 // CorrelationFrom returns the correlation ctx carries, zero if none.
 func CorrelationFrom(ctx context.Context) Correlation {
-	c, _ := ctx.Value(correlationKey{}).(Correlation)
-	return c
+	switch v := ctx.Value(correlationKey{}).(type) {
+	case Correlation:
+		return v
+	case Slot:
+		return v.Correlation()
+	}
+	return Correlation{}
 }
 
 // FromContext returns e with its RequestID and TraceID taken from the
