@@ -195,6 +195,10 @@ func classifyCertRefusal(raw [][]byte, td spiffeid.TrustDomain, err error) (clai
 
 // rpcMark follows one call from the transport to the interceptors.
 type rpcMark struct {
+	// The call's context as the transport made it: the mark is the
+	// context TagRPC returns, and its own audit slot (Value), so tagging
+	// a call allocates the mark and nothing else.
+	context.Context
 	method  string
 	reached atomic.Bool
 	// header is the call's incoming metadata as the transport decoded it
@@ -207,6 +211,14 @@ type rpcMark struct {
 
 func (m *rpcMark) Correlation() audit.Correlation     { return m.corr }
 func (m *rpcMark) SetCorrelation(c audit.Correlation) { m.corr = c }
+
+// Value answers the audit slot's key with the mark itself.
+func (m *rpcMark) Value(key any) any {
+	if audit.IsSlotKey(key) {
+		return m
+	}
+	return m.Context.Value(key)
+}
 
 // markOf is the call's mark, nil outside a call the stats handler tagged.
 // The mark is the call's audit slot: one context value for both.
@@ -244,7 +256,7 @@ type transportRefusals struct {
 }
 
 func (t *transportRefusals) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
-	return audit.WithSlot(ctx, &rpcMark{method: info.FullMethodName})
+	return &rpcMark{Context: ctx, method: info.FullMethodName}
 }
 
 func (t *transportRefusals) HandleRPC(ctx context.Context, s stats.RPCStats) {

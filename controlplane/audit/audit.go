@@ -130,9 +130,13 @@ type Slot interface {
 	SetCorrelation(Correlation)
 }
 
-// WithSlot returns ctx carrying s: CorrelationFrom(ctx) is what s holds.
-func WithSlot(ctx context.Context, s Slot) context.Context {
-	return context.WithValue(ctx, correlationKey{}, s)
+// IsSlotKey reports whether key is the one a context's Value answers with
+// its Slot: a context type that is its own slot (a call's state embedding
+// its parent context, made before the correlation is known) answers it,
+// and CorrelationFrom then reads the slot.
+func IsSlotKey(key any) bool {
+	_, ok := key.(correlationKey)
+	return ok
 }
 
 // SlotFrom returns the slot ctx carries, nil if none (or if NewContext set
