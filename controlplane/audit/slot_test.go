@@ -23,6 +23,8 @@ func (s *slotCtx) Value(key any) any {
 	return s.Context.Value(key)
 }
 
+type childKey struct{}
+
 func TestSlotCarriesTheCorrelationSetAfterTheContextWasMade(t *testing.T) {
 	if audit.IsSlotKey("correlation") || audit.IsSlotKey(nil) {
 		t.Fatal("a foreign key is taken for the slot key")
@@ -37,7 +39,7 @@ func TestSlotCarriesTheCorrelationSetAfterTheContextWasMade(t *testing.T) {
 		t.Fatal("no slot found")
 	}
 	slot.SetCorrelation(audit.Correlation{RequestID: "r1", TraceID: "t1"})
-	if got := audit.CorrelationFrom(context.WithValue(ctx, struct{}{}, 1)); got.RequestID != "r1" || got.TraceID != "t1" {
+	if got := audit.CorrelationFrom(context.WithValue(ctx, childKey{}, 1)); got.RequestID != "r1" || got.TraceID != "t1" {
 		t.Fatalf("filled slot through a child context: %+v", got)
 	}
 	// A correlation set over the slot wins, and hides the slot.
