@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -131,6 +132,9 @@ type placeState struct {
 	// reported partitions), in chunks of classChunk GPUs, so that a
 	// derived state copies one chunk, not all.
 	class [][]*gpuClass
+	// first is each class's lowest GPU index: place weighs the classes,
+	// not every GPU (a fleet of thousands of GPUs has tens of classes).
+	first map[*gpuClass]int
 
 	// The index's partitions by GPU UUID: heldBase plus the deltas
 	// heldAdd chains (newest first, at most maxHeldDeltas).
@@ -391,11 +395,16 @@ func (p *placer) build(view *fleetView, token string, held map[string][]mig.Inst
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	st.first = map[*gpuClass]int{}
 	for i, g := range view.gpus {
 		if i%classChunk == 0 {
 			st.class = append(st.class, make([]*gpuClass, 0, classChunk))
 		}
-		st.class[i/classChunk] = append(st.class[i/classChunk], p.classLocked(g.model, g.eligible, inst[i]))
+		c := p.classLocked(g.model, g.eligible, inst[i])
+		st.class[i/classChunk] = append(st.class[i/classChunk], c)
+		if _, ok := st.first[c]; !ok {
+			st.first[c] = i
+		}
 	}
 	p.putLocked(stateID{view, token}, st)
 	return st
@@ -404,7 +413,7 @@ func (p *placer) build(view *fleetView, token string, held map[string][]mig.Inst
 // derive caches, at token, st with one more partition held on gpu: the
 // index after a create placed there.
 func (p *placer) derive(st *placeState, token, gpu string, in mig.Instance) {
-	next := &placeState{view: st.view, class: slices.Clone(st.class)}
+	next := &placeState{view: st.view, class: slices.Clone(st.class), first: maps.Clone(st.first)}
 	n := 1
 	st.heldMu.Lock()
 	if st.heldAdd != nil {
@@ -427,9 +436,34 @@ func (p *placer) derive(st *placeState, token, gpu string, in mig.Instance) {
 		if &(*chunk)[0] == &st.class[i/classChunk][0] {
 			*chunk = slices.Clone(*chunk)
 		}
-		(*chunk)[i%classChunk] = p.classLocked(g.model, g.eligible, append(slices.Clip(inst), in))
+		old := next.classOf(i)
+		c := p.classLocked(g.model, g.eligible, append(slices.Clip(inst), in))
+		(*chunk)[i%classChunk] = c
+		next.moved(i, old, c)
 	}
 	p.putLocked(stateID{st.view, token}, next)
+}
+
+// moved keeps first right after GPU i went from class old to c (st.class
+// already says c). Placement fills GPUs from the lowest index of a class,
+// so the next GPU of old is usually a step away.
+func (st *placeState) moved(i int, old, c *gpuClass) {
+	if old == c {
+		return
+	}
+	if f, ok := st.first[c]; !ok || i < f {
+		st.first[c] = i
+	}
+	if st.first[old] != i {
+		return
+	}
+	delete(st.first, old)
+	for j := i + 1; j < len(st.view.gpus); j++ {
+		if st.classOf(j) == old {
+			st.first[old] = j
+			return
+		}
+	}
 }
 
 // place is Place's decision on the state; ok is false when no GPU can
@@ -438,6 +472,9 @@ func (st *placeState) place(req *leasev1.GpuRequest) (*leasev1.Placement, bool) 
 	profile := req.GetMigProfile()
 	if profile == "" {
 		return nil, false
+	}
+	if req.GetNode() == "" && req.GetGpuModel() == "" {
+		return st.placeAny(profile)
 	}
 	var (
 		best   mig.Choice
@@ -472,10 +509,38 @@ func (st *placeState) place(req *leasev1.GpuRequest) (*leasev1.Placement, bool) 
 			best, bestAt = ch, i
 		}
 	}
-	if bestAt < 0 {
+	return st.placement(best, bestAt)
+}
+
+// placeAny is place without node or model constraints: the same decision
+// as the walk over every GPU (each class weighed at its lowest index, in
+// index order, a tie to the lower index), over the classes alone.
+func (st *placeState) placeAny(profile string) (*leasev1.Placement, bool) {
+	var at [64]int
+	order := at[:0]
+	for _, i := range st.first {
+		order = append(order, i)
+	}
+	slices.Sort(order)
+	var (
+		best   mig.Choice
+		bestAt = -1
+	)
+	for _, i := range order {
+		ch, ok := st.classOf(i).choose(profile)
+		if ok && (bestAt < 0 || ch.Before(best)) {
+			best, bestAt = ch, i
+		}
+	}
+	return st.placement(best, bestAt)
+}
+
+// placement is the decision best on view GPU at; none if at < 0.
+func (st *placeState) placement(best mig.Choice, at int) (*leasev1.Placement, bool) {
+	if at < 0 {
 		return nil, false
 	}
-	g := &st.view.gpus[bestAt]
+	g := &st.view.gpus[at]
 	return &leasev1.Placement{
 		Node: g.node, GpuUuid: g.uuid, GpuModel: g.modelName, MigProfile: best.ProfileName,
 		ProfileId: int32(best.Profile), Start: uint32(best.Placement.Start), Size: uint32(best.Placement.Size),

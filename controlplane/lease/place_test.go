@@ -124,6 +124,17 @@ func TestPlacer_AgreesWithPlace(t *testing.T) {
 			if h := st.held(); !heldEqual(h, held) {
 				t.Fatalf("%s: derived held %v, want %v", name, h, held)
 			}
+			// Each class's lowest GPU index, kept by derive, is what a
+			// walk over the GPUs finds.
+			wantFirst := map[*gpuClass]int{}
+			for i := range view.gpus {
+				if _, ok := wantFirst[st.classOf(i)]; !ok {
+					wantFirst[st.classOf(i)] = i
+				}
+			}
+			if !maps.Equal(st.first, wantFirst) {
+				t.Fatalf("%s: derived first %v, want %v", name, st.first, wantFirst)
+			}
 		}
 		// The same nodes in another order are the same view.
 		shuffled := slices.Clone(nodes)
