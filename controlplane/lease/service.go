@@ -308,7 +308,10 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 	// concurrent creates share one commit.
 	var out *leasev1.Lease
 	created := false
-	err := s.st.Update(ctx, func(tx store.Tx) error {
+	// The two reads of this create's own keys are made ahead, for the
+	// whole batch at once where the store batches (etcd).
+	ahead := []store.Key{{Bucket: store.BucketIdempotency, Key: idemKey}, {Bucket: store.BucketLeases, Key: id}}
+	err := store.UpdateReading(ctx, s.st, ahead, func(tx store.Tx) error {
 		created = false
 		if raw, err := tx.Get(store.BucketIdempotency, idemKey); err == nil {
 			var rec idemRecord

@@ -157,6 +157,14 @@ func (s *instrumentedStore) Update(ctx context.Context, fn func(store.Tx) error)
 	return err
 }
 
+// UpdateReading passes the read-ahead keys on (store.UpdateReading).
+func (s *instrumentedStore) UpdateReading(ctx context.Context, keys []store.Key, fn func(store.Tx) error) error {
+	start := time.Now()
+	err := store.UpdateReading(ctx, s.Store, keys, fn)
+	s.latency.WithLabelValues("update", outcome(err)).Observe(time.Since(start).Seconds())
+	return err
+}
+
 func outcome(err error) string {
 	if err != nil {
 		return "error"

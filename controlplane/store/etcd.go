@@ -95,9 +95,12 @@ type etcdCall struct {
 	fn   func(Tx) error
 	err  error
 	done chan struct{}
+	// ahead are etcd keys fn will read (UpdateReading): the batch reads
+	// them all in one round trip before running its functions.
+	ahead []string
 }
 
-var _ Store = (*Etcd)(nil)
+var _ ReadAheadStore = (*Etcd)(nil)
 
 // OpenEtcd checks the schema under opts.Prefix (recording it on a new
 // deployment) and returns the store. The caller owns cli (endpoints, TLS,
@@ -205,12 +208,24 @@ func (s *Etcd) View(ctx context.Context, fn func(Tx) error) error {
 // reads use ctx; once fn has run, Update waits for the batch's commit,
 // which is bounded by Timeout.
 func (s *Etcd) Update(ctx context.Context, fn func(Tx) error) error {
+	return s.UpdateReading(ctx, nil, fn)
+}
+
+// UpdateReading implements ReadAheadStore: Update, with keys read for the
+// whole batch before its functions run.
+func (s *Etcd) UpdateReading(ctx context.Context, keys []Key, fn func(Tx) error) error {
+	var ahead []string
+	for _, k := range keys {
+		if knownBucket(k.Bucket) && k.Key != "" {
+			ahead = append(ahead, s.bucketPrefix(k.Bucket)+k.Key)
+		}
+	}
 	ctx, cancel, err := s.begin(ctx)
 	if err != nil {
 		return err
 	}
 	defer cancel()
-	c := &etcdCall{ctx: ctx, fn: fn, done: make(chan struct{})}
+	c := &etcdCall{ctx: ctx, fn: fn, done: make(chan struct{}), ahead: ahead}
 	s.mu.Lock()
 	s.queue = append(s.queue, c)
 	if !s.running {
@@ -256,6 +271,7 @@ func (s *Etcd) runBatch(calls []*etcdCall) (deferred []*etcdCall) {
 	for attempt := 1; ; attempt++ {
 		ctx, cancel := context.WithTimeout(context.Background(), s.opts.Timeout)
 		tx := s.newTx(ctx, true)
+		tx.readAhead(calls)
 		results := make(map[*etcdCall]error, len(calls))
 		var ran []*etcdCall
 		deferred = deferred[:0]
@@ -456,6 +472,50 @@ func (t *etcdTx) get(key string, opts ...clientv3.OpOption) (*clientv3.GetRespon
 		t.rev = resp.Header.Revision
 	}
 	return resp, nil
+}
+
+// readAhead reads the keys the calls named (UpdateReading) into the
+// cache, in as few round trips as etcd's operation limit allows, fixing
+// the snapshot revision if no read has. It is only a cache fill: if it
+// fails, each function reads for itself and meets the error there.
+func (t *etcdTx) readAhead(calls []*etcdCall) {
+	var keys []string
+	seen := map[string]bool{}
+	for _, c := range calls {
+		for _, k := range c.ahead {
+			if _, cached := t.cache[k]; !cached && !seen[k] {
+				seen[k] = true
+				keys = append(keys, k)
+			}
+		}
+	}
+	for len(keys) > 0 {
+		n := min(len(keys), t.s.opts.MaxTxnOps)
+		chunk := keys[:n]
+		keys = keys[n:]
+		ops := make([]clientv3.Op, len(chunk))
+		for i, k := range chunk {
+			if t.rev != 0 {
+				ops[i] = clientv3.OpGet(k, clientv3.WithRev(t.rev))
+			} else {
+				ops[i] = clientv3.OpGet(k)
+			}
+		}
+		resp, err := t.s.cli.Txn(t.ctx).Then(ops...).Commit()
+		if err != nil || len(resp.Responses) != len(chunk) {
+			return
+		}
+		if t.rev == 0 {
+			t.rev = resp.Header.Revision
+		}
+		for i, k := range chunk {
+			var kv *mvccpb.KeyValue
+			if r := resp.Responses[i].GetResponseRange(); r != nil && len(r.Kvs) > 0 {
+				kv = r.Kvs[0]
+			}
+			t.cache[k] = kv
+		}
+	}
 }
 
 // getRecorded reads one key and, in an Update, records it for the commit's

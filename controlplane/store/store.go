@@ -96,6 +96,29 @@ type Store interface {
 	Close() error
 }
 
+// Key names one record.
+type Key struct{ Bucket, Key string }
+
+// UpdateReading is st.Update for a function known to read keys: a store
+// that runs concurrent Updates in one transaction (etcd) reads the keys of
+// the whole batch in one round trip before running its functions, instead
+// of one round trip per read as each function reaches it. fn still reads
+// them through its Tx and sees them as the transaction does (its
+// batch-mates' writes included). Other stores just Update.
+func UpdateReading(ctx context.Context, st Store, keys []Key, fn func(Tx) error) error {
+	if r, ok := st.(ReadAheadStore); ok {
+		return r.UpdateReading(ctx, keys, fn)
+	}
+	return st.Update(ctx, fn)
+}
+
+// ReadAheadStore is a Store that can read an Update's keys ahead of it
+// (UpdateReading). Wrappers of a Store implement it by passing keys on.
+type ReadAheadStore interface {
+	Store
+	UpdateReading(ctx context.Context, keys []Key, fn func(Tx) error) error
+}
+
 // Tx is one transaction. Values returned are copies, valid after the
 // transaction ends; values given to Put are copied. Reads see the
 // transaction's own writes. Keys are non-empty.

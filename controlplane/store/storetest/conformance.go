@@ -374,6 +374,52 @@ func Run(t *testing.T, su Suite) {
 		}
 	})
 
+	t.Run("updates reading ahead see their batch-mates' writes and lose nothing", func(t *testing.T) {
+		s := su.Open(t)
+		// Every update reads the same record ahead and increments it, and
+		// reads its own absent key ahead and creates it: the read-ahead
+		// values must never stand in for what an earlier function of the
+		// same transaction wrote.
+		const workers, each = 8, 25
+		var wg sync.WaitGroup
+		for w := 0; w < workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < each; i++ {
+					own := fmt.Sprintf("own/%d/%d", w, i)
+					keys := []store.Key{{Bucket: store.BucketMeta, Key: "shared"}, {Bucket: store.BucketIdempotency, Key: own}, {Bucket: "no-such-bucket", Key: "x"}}
+					err := store.UpdateReading(ctx, s, keys, func(tx store.Tx) error {
+						if _, err := tx.Get(store.BucketIdempotency, own); !errors.Is(err, store.ErrNotFound) {
+							return fmt.Errorf("own key before it was written: %v", err)
+						}
+						if _, err := store.NextU64(tx, "shared"); err != nil {
+							return err
+						}
+						return tx.Put(store.BucketIdempotency, own, []byte{1})
+					})
+					if err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		var v uint64
+		var n int
+		err := s.View(ctx, func(tx store.Tx) error {
+			var err error
+			if v, err = store.GetU64(tx, "shared"); err != nil {
+				return err
+			}
+			return tx.Scan(store.BucketIdempotency, "own/", false, func(string, []byte) error { n++; return nil })
+		})
+		if err != nil || v != workers*each || n != workers*each {
+			t.Fatalf("counter = %d, records = %d, err = %v; want %d each", v, n, err, workers*each)
+		}
+	})
+
 	t.Run("a failing update among concurrent ones fails alone", func(t *testing.T) {
 		s := su.Open(t)
 		boom := errors.New("boom")
@@ -518,12 +564,14 @@ func Run(t *testing.T, su Suite) {
 		return
 	}
 
-	t.Run("a conflicting write by another replica reruns fn", func(t *testing.T) {
+	// conflictReruns: another replica's write to a key fn read (ahead or
+	// not) between the read and the commit reruns fn on the new value.
+	conflictReruns := func(t *testing.T, ahead []store.Key) {
 		s := su.Open(t)
 		other := su.Replica(t, s)
 		put(t, s, store.BucketMeta, "k", "0")
 		calls := 0
-		err := s.Update(ctx, func(tx store.Tx) error {
+		err := store.UpdateReading(ctx, s, ahead, func(tx store.Tx) error {
 			calls++
 			v, err := tx.Get(store.BucketMeta, "k")
 			if err != nil {
@@ -546,7 +594,14 @@ func Run(t *testing.T, su Suite) {
 		if seen, _ := get(t, s, store.BucketMeta, "seen"); seen != "1" {
 			t.Fatalf("seen = %q: the first attempt's writes leaked", seen)
 		}
-	})
+	}
+	for _, ahead := range [][]store.Key{nil, {{Bucket: store.BucketMeta, Key: "k"}}} {
+		name := "a conflicting write by another replica reruns fn"
+		if ahead != nil {
+			name += ", the key read ahead"
+		}
+		t.Run(name, func(t *testing.T) { conflictReruns(t, ahead) })
+	}
 
 	for _, tc := range []struct {
 		name     string
