@@ -110,7 +110,8 @@ type Denial struct {
 	// SPIFFE ID of a certificate that failed verification).
 	Claimed string
 	// Time is when the call was refused (the edge passes the time it read
-	// at the call's start); zero: now.
+	// at the call's start, saving a clock read); zero: now. An auditor
+	// given its own clock (DenialOptions.Now) uses that instead.
 	Time time.Time
 }
 
@@ -128,6 +129,9 @@ type DenialAuditor struct {
 	st   store.Store
 	o    DenialOptions
 	wake chan struct{}
+	// ownClock: Options.Now was given (a test's clock), and every window
+	// is timed by it, never by a Denial's Time.
+	ownClock bool
 
 	mu      sync.Mutex
 	windows *lru[denialKey, *denialWindow]
@@ -157,13 +161,14 @@ func NewDenialAuditor(st store.Store, o DenialOptions) *DenialAuditor {
 	if o.Queue <= 0 {
 		o.Queue = DefaultDenialQueue
 	}
+	ownClock := o.Now != nil
 	if o.Now == nil {
 		o.Now = time.Now
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	d := &DenialAuditor{st: st, o: o, wake: make(chan struct{}, 1)}
+	d := &DenialAuditor{st: st, o: o, wake: make(chan struct{}, 1), ownClock: ownClock}
 	d.windows = newLRU[denialKey, *denialWindow](o.MaxIdentities, func(key denialKey, w *denialWindow) {
 		// Called with d.mu held, from add.
 		d.summarizeLocked(key, w)
@@ -209,7 +214,7 @@ func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
 		actor = UnauthenticatedActor
 	}
 	now := x.Time
-	if now.IsZero() {
+	if now.IsZero() || d.ownClock {
 		now = d.o.Now()
 	}
 	d.mu.Lock()
