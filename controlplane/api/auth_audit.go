@@ -109,10 +109,6 @@ type Denial struct {
 	// Claimed is an identity the caller claimed but did not prove (the
 	// SPIFFE ID of a certificate that failed verification).
 	Claimed string
-	// Time is when the call was refused (the edge passes the time it read
-	// at the call's start, saving a clock read); zero: now. An auditor
-	// given its own clock (DenialOptions.Now) uses that instead.
-	Time time.Time
 }
 
 type denialWindow struct {
@@ -129,9 +125,6 @@ type DenialAuditor struct {
 	st   store.Store
 	o    DenialOptions
 	wake chan struct{}
-	// ownClock: Options.Now was given (a test's clock), and every window
-	// is timed by it, never by a Denial's Time.
-	ownClock bool
 
 	mu      sync.Mutex
 	windows *lru[denialKey, *denialWindow]
@@ -161,14 +154,13 @@ func NewDenialAuditor(st store.Store, o DenialOptions) *DenialAuditor {
 	if o.Queue <= 0 {
 		o.Queue = DefaultDenialQueue
 	}
-	ownClock := o.Now != nil
 	if o.Now == nil {
 		o.Now = time.Now
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	d := &DenialAuditor{st: st, o: o, wake: make(chan struct{}, 1), ownClock: ownClock}
+	d := &DenialAuditor{st: st, o: o, wake: make(chan struct{}, 1)}
 	d.windows = newLRU[denialKey, *denialWindow](o.MaxIdentities, func(key denialKey, w *denialWindow) {
 		// Called with d.mu held, from add.
 		d.summarizeLocked(key, w)
@@ -213,10 +205,7 @@ func (d *DenialAuditor) Record(ctx context.Context, x Denial) {
 	if actor == "" {
 		actor = UnauthenticatedActor
 	}
-	now := x.Time
-	if now.IsZero() || d.ownClock {
-		now = d.o.Now()
-	}
+	now := d.o.Now()
 	d.mu.Lock()
 	admit := d.admitLocked(key, actor, now) && d.admitLocked(globalKey, "", now) && len(d.pending) < d.o.Queue
 	if !admit {

@@ -271,12 +271,12 @@ func (a Authorizer) deadline(ctx context.Context) (context.Context, context.Canc
 	return context.WithTimeout(ctx, a.UnaryTimeout)
 }
 
-// refused audits a call refused at time at.
-func (a Authorizer) refused(ctx context.Context, method string, r *refusal, at time.Time) {
+// refused audits a refused call.
+func (a Authorizer) refused(ctx context.Context, method string, r *refusal) {
 	if a.Denials == nil {
 		return
 	}
-	a.Denials.Record(ctx, Denial{Actor: r.actor, Tenant: r.tenant, Method: method, Err: r.err, RequestID: requestID(ctx), Time: at})
+	a.Denials.Record(ctx, Denial{Actor: r.actor, Tenant: r.tenant, Method: method, Err: r.err, RequestID: requestID(ctx)})
 }
 
 // handlerDenial audits a denial decided by a handler: PermissionDenied or
@@ -337,7 +337,7 @@ func (a Authorizer) Unary(log *slog.Logger) grpc.UnaryServerInterceptor {
 		actx, r := a.admit(ctx, info.FullMethod, func(md metadata.MD) { _ = grpc.SetTrailer(ctx, md) })
 		if r != nil {
 			who = r.actor
-			a.refused(ctx, info.FullMethod, r, start)
+			a.refused(ctx, info.FullMethod, r)
 			return nil, r.err
 		}
 		who = principalID(actx)
@@ -375,7 +375,7 @@ func (a Authorizer) Stream(log *slog.Logger) grpc.StreamServerInterceptor {
 		actx, r := a.admit(ctx, info.FullMethod, ss.SetTrailer)
 		if r != nil {
 			who = r.actor
-			a.refused(ctx, info.FullMethod, r, start)
+			a.refused(ctx, info.FullMethod, r)
 			return r.err
 		}
 		who = principalID(actx)
@@ -428,7 +428,17 @@ func principalID(ctx context.Context) string {
 // grpc.SetHeader, which merges them into the stream's own header (the
 // transport keeps none of it): a map per call would be most of what
 // refusing a call allocates.
-var requestIDHeaders = sync.Pool{New: func() any { return metadata.MD{RequestIDHeader: make([]string, 1)} }}
+var requestIDHeaders = sync.Pool{New: func() any {
+	h := &requestIDHeader{md: metadata.MD{RequestIDHeader: make([]string, 1)}}
+	h.val = h.md[RequestIDHeader]
+	return h
+}}
+
+// requestIDHeader is a pooled header map and its one value slice.
+type requestIDHeader struct {
+	md  metadata.MD
+	val []string
+}
 
 // sendRequestID sets the response header that returns the call's request
 // id. Outside a served call (a benchmark) there is no header to set; the
@@ -437,11 +447,11 @@ func sendRequestID(ctx context.Context, id string) {
 	if grpc.ServerTransportStreamFromContext(ctx) == nil {
 		return
 	}
-	md := requestIDHeaders.Get().(metadata.MD)
-	md[RequestIDHeader][0] = id
-	_ = grpc.SetHeader(ctx, md)
-	md[RequestIDHeader][0] = ""
-	requestIDHeaders.Put(md)
+	h := requestIDHeaders.Get().(*requestIDHeader)
+	h.val[0] = id
+	_ = grpc.SetHeader(ctx, h.md)
+	h.val[0] = ""
+	requestIDHeaders.Put(h)
 }
 
 // refusalLogs bounds the "rpc refused" log lines of the process: a flood
