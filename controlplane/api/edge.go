@@ -241,7 +241,13 @@ func markReached(ctx context.Context) {
 // absent (the commonest case: no authorization on a refused call) and
 // copies the values when present.
 func incomingHeader(ctx context.Context, key string) []string {
-	if m := markOf(ctx); m != nil && m.header != nil {
+	return markOf(ctx).headerValues(ctx, key)
+}
+
+// headerValues is incomingHeader for a caller that has the call's mark
+// (m may be nil).
+func (m *rpcMark) headerValues(ctx context.Context, key string) []string {
+	if m != nil && m.header != nil {
 		return m.header[key]
 	}
 	return metadata.ValueFromIncomingContext(ctx, key)

@@ -90,7 +90,12 @@ var (
 // incomingRequestID is the caller's request id if it sent exactly one
 // well-formed value.
 func incomingRequestID(ctx context.Context) (string, bool) {
-	v := incomingHeader(ctx, RequestIDHeader)
+	return requestIDOf(incomingHeader(ctx, RequestIDHeader))
+}
+
+// requestIDOf is the request id in the header values v, if exactly one
+// well-formed value.
+func requestIDOf(v []string) (string, bool) {
 	if len(v) != 1 || !ValidRequestID(v[0]) {
 		return "", false
 	}
@@ -107,10 +112,13 @@ func RequestIDFrom(ctx context.Context) string {
 // the caller through setHeader, adds it to the call's span, and puts it
 // with the span's trace id in the context for logs and audit entries.
 func beginCall(ctx context.Context, setHeader func(id string)) context.Context {
-	if RequestIDFrom(ctx) != "" {
+	// The call's mark (TagRPC), looked up once, holds the correlation
+	// and the headers if the call has one.
+	m := markOf(ctx)
+	if m != nil && m.corr.RequestID != "" || m == nil && RequestIDFrom(ctx) != "" {
 		return ctx
 	}
-	id, ok := incomingRequestID(ctx)
+	id, ok := requestIDOf(m.headerValues(ctx, RequestIDHeader))
 	if !ok {
 		id = newRequestID()
 	}
@@ -123,10 +131,8 @@ func beginCall(ctx context.Context, setHeader func(id string)) context.Context {
 	if sc := span.SpanContext(); sc.HasTraceID() {
 		c.TraceID = sc.TraceID().String()
 	}
-	// The call's mark (TagRPC) holds it if the call has one: no new
-	// context to allocate.
-	if s := audit.SlotFrom(ctx); s != nil {
-		s.SetCorrelation(c)
+	if m != nil {
+		m.SetCorrelation(c) // no new context to allocate
 		return ctx
 	}
 	return audit.NewContext(ctx, c)
