@@ -107,8 +107,8 @@ type idemRecord struct {
 // leaseIDEncoding keeps byte order in text order (0-9 then a-v).
 var leaseIDEncoding = base32.HexEncoding.WithPadding(base32.NoPadding)
 
-// leaseIDAt returns a lease id made at t: "l-" and 20 characters: the creation time in
-// milliseconds (48 bits) then 52 random bits. Ids made later sort later,
+// leaseIDAt returns a lease id made at t: "l-" and 20 characters, the
+// creation time in milliseconds (48 bits) then 52 random bits. Ids made later sort later,
 // so new rows land in the last pages of the leases bucket (a group commit
 // writes a few pages, not one per lease, and its fsync is that much
 // shorter); the random bits keep ids unguessable and apart within one
