@@ -81,6 +81,9 @@ type Registry struct {
 	// inventories, cordons, attestation) calls changed.
 	viewGen   atomic.Uint64
 	connected atomic.Pointer[connectedView]
+	// building is held while the list is rebuilt, so that callers that
+	// find it stale at once wait for one build and share its list.
+	building sync.Mutex
 }
 
 // connectedView is a ConnectedNodes result, shared by its callers and
@@ -281,15 +284,33 @@ func (r *Registry) persistConnect(ctx context.Context, s *Session) error {
 // registry's lock.
 func (r *Registry) ConnectedNodes() []lease.NodeView {
 	now := r.now()
-	gen := r.viewGen.Load()
-	if v := r.connected.Load(); v != nil && v.gen == gen && (v.until.IsZero() || now.Before(v.until)) {
-		return v.nodes
+	if nodes, ok := r.cachedConnected(now); ok {
+		return nodes
 	}
-	// gen was read before the build: a change during it leaves the
+	// One build for every caller that found the list stale: the lease
+	// service's placer recognises an unchanged fleet by the list's
+	// identity, and a crowd of creates after a change would otherwise
+	// each walk the fleet and hand out lists of their own.
+	r.building.Lock()
+	defer r.building.Unlock()
+	if nodes, ok := r.cachedConnected(now); ok {
+		return nodes
+	}
+	// gen is read before the build: a change during it leaves the
 	// stored view behind viewGen, and the next call builds again.
+	gen := r.viewGen.Load()
 	nodes, until := r.buildConnected(now)
 	r.connected.Store(&connectedView{gen: gen, until: until, nodes: nodes})
 	return nodes
+}
+
+// cachedConnected is the stored ConnectedNodes list, if it is current.
+func (r *Registry) cachedConnected(now time.Time) ([]lease.NodeView, bool) {
+	gen := r.viewGen.Load()
+	if v := r.connected.Load(); v != nil && v.gen == gen && (v.until.IsZero() || now.Before(v.until)) {
+		return v.nodes, true
+	}
+	return nil, false
 }
 
 // buildConnected walks the fleet for ConnectedNodes. It holds the

@@ -458,3 +458,45 @@ func TestConnectedNodesFollowsEveryChange(t *testing.T) {
 	r.Disconnect(ctx, a2)
 	expect("a leaves", "")
 }
+
+// TestConnectedNodesOneBuildPerChange: callers that find the list stale
+// at the same moment (a crowd of creates after a change) all get the one
+// list a single build made, so the placer knows it by identity.
+func TestConnectedNodesOneBuildPerChange(t *testing.T) {
+	ctx := context.Background()
+	r := fleet.New(openStore(t), nil)
+	for i := range 16 {
+		node := fmt.Sprintf("node-%02d", i)
+		if _, err := r.Connect(ctx, node, "spiffe://gpuaas.test/gpuaas/agent/"+node, "", "test", inventory("GPU-"+node)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for round := range 20 {
+		lists := make([][]lease.NodeView, 32)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for i := range lists {
+			wg.Go(func() {
+				<-start
+				lists[i] = r.ConnectedNodes()
+			})
+		}
+		close(start)
+		wg.Wait()
+		for i, l := range lists {
+			if len(l) != 16 {
+				t.Fatalf("round %d: caller %d got %d nodes, want 16", round, i, len(l))
+			}
+			if &l[0] != &lists[0][0] {
+				t.Fatalf("round %d: callers %d and 0 got lists of their own", round, i)
+			}
+		}
+		// Two changes that cancel out: the next round's callers find
+		// the list stale, and all 16 nodes in it.
+		for _, on := range []bool{true, false} {
+			if err := r.Cordon(ctx, operator, "node-00", on, "test"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}

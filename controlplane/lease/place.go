@@ -64,21 +64,25 @@ type viewGPU struct {
 
 // fleetView is the connected nodes in Place's order: nodes by id, GPUs by
 // index, GPUs of unknown models left out. It copies what it needs of the
-// nodes' messages and is never modified.
+// nodes' messages and is never modified, but for from.
 type fleetView struct {
 	gpus   []viewGPU
 	byUUID map[string][]int
 	// src is what it was built from, by node id; nil if it cannot be
 	// matched (node ids were not unique).
 	src map[string]*srcNode
-	// from is the slice it was built from: the fleet hands out the same
-	// slice only while it is unchanged (Fleet).
-	from []NodeView
+	// from is the last slice it was built from or matched: the fleet
+	// hands out the same slice only while it is unchanged (Fleet), and a
+	// list it rebuilt with the same content is matched once, then
+	// recognised by identity.
+	from atomic.Pointer[[]NodeView]
 }
 
-// builtFrom reports whether nodes is the very slice v was built from.
+// builtFrom reports whether nodes is the very slice v was built from or
+// last matched.
 func (v *fleetView) builtFrom(nodes []NodeView) bool {
-	return v.src != nil && len(nodes) > 0 && len(nodes) == len(v.from) && &nodes[0] == &v.from[0]
+	from := v.from.Load()
+	return v.src != nil && from != nil && len(nodes) > 0 && len(nodes) == len(*from) && &nodes[0] == &(*from)[0]
 }
 
 // gpuClass is a GPU state as Place deduplicates it (stateKey): GPUs of one
@@ -270,13 +274,18 @@ func (p *placer) view(nodes []NodeView) *fleetView {
 	views := p.views
 	p.mu.Unlock()
 	for _, v := range views {
-		if v.builtFrom(nodes) || v.matches(nodes) {
+		if v.builtFrom(nodes) {
+			return v
+		}
+		if v.matches(nodes) {
+			v.from.Store(&nodes)
 			return v
 		}
 	}
 	sorted := slices.Clone(nodes)
 	slices.SortFunc(sorted, byID)
-	v := &fleetView{byUUID: map[string][]int{}, src: map[string]*srcNode{}, from: nodes}
+	v := &fleetView{byUUID: map[string][]int{}, src: map[string]*srcNode{}}
+	v.from.Store(&nodes)
 	for i, n := range sorted {
 		if _, dup := v.src[n.ID]; dup || v.src == nil {
 			v.src = nil // two nodes of one id: never matched again

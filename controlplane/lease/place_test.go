@@ -191,6 +191,15 @@ func TestPlacer_ViewFollowsTheFleet(t *testing.T) {
 	if p.view(nodes) != v1 {
 		t.Fatal("the slice v1 was built from got another view")
 	}
+	// A list the fleet rebuilt with the same content is matched to v1
+	// once, then known by identity: creates after it skip the match.
+	rebuilt := slices.Clone(nodes)
+	if p.view(rebuilt) != v1 {
+		t.Fatal("a rebuilt, unchanged list got another view")
+	}
+	if !v1.builtFrom(rebuilt) {
+		t.Fatal("a list matched to v1 is not then known by identity")
+	}
 	// A message changed in place is a changed fleet too, in the next
 	// list the fleet hands out.
 	nodes[0].GPUs[0].MigEnabled = false
