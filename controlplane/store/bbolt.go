@@ -73,10 +73,16 @@ type Bolt struct {
 	readOnly bool
 
 	// Group commit (Update): writers queue while a commit runs; the
-	// next commit takes them all.
-	mu         sync.Mutex
-	queue      []*boltCall
-	committing bool
+	// committer's next commit takes them all.
+	mu     sync.Mutex
+	queue  []*boltCall
+	closed bool
+	wake   chan struct{} // one token: the queue may be non-empty
+	// committed is closed when the committer has drained the queue
+	// after Close and returned.
+	committed chan struct{}
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // boltCall is one queued Update.
@@ -84,10 +90,9 @@ type boltCall struct {
 	fn  func(Tx) error
 	err error
 	// panicked is what fn panicked with: re-raised in its own caller,
-	// as bbolt's Batch does, never in the writer committing the group.
+	// as bbolt's Batch does, never in the committer.
 	panicked any
 	done     chan struct{} // closed when err is final
-	lead     chan struct{} // closed when this call must run the next group
 }
 
 // maxGroup bounds the Updates one commit takes.
@@ -129,7 +134,9 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	return &Bolt{db: db}, nil
+	b := &Bolt{db: db, wake: make(chan struct{}, 1), committed: make(chan struct{})}
+	go b.commitLoop()
+	return b, nil
 }
 
 // OpenBoltReadOnly opens an existing store without writing to it: no
@@ -285,6 +292,11 @@ func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 // seeing the writes of those before it. If one fails, the transaction is
 // rolled back: the failed function is run again alone (its error then
 // stands on its own state) and the others are committed without it.
+//
+// One goroutine, the committer, runs every group: under load it goes from
+// one commit to the next without waiting to be scheduled, where handing
+// the queue to one of its writers cost a wake-up per commit (a millisecond
+// on two busy cores, a fifth of a commit).
 func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -292,35 +304,42 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 	if b.readOnly {
 		return ErrReadOnly
 	}
-	c := &boltCall{fn: fn, done: make(chan struct{}), lead: make(chan struct{})}
+	c := &boltCall{fn: fn, done: make(chan struct{})}
 	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return berrors.ErrDatabaseNotOpen
+	}
 	b.queue = append(b.queue, c)
-	leader := !b.committing
-	b.committing = true
 	b.mu.Unlock()
-	if !leader {
-		select {
-		case <-c.done:
-			return c.result()
-		case <-c.lead: // the previous leader handed the queue on
-		}
+	select {
+	case b.wake <- struct{}{}:
+	default: // a token is already there
 	}
-	b.mu.Lock()
-	n := min(len(b.queue), maxGroup)
-	group := b.queue[:n:n]
-	b.queue = b.queue[n:]
-	b.mu.Unlock()
-	b.commitGroup(group)
-	// Hand the queue to its first writer, or stop committing.
-	b.mu.Lock()
-	if len(b.queue) > 0 {
-		close(b.queue[0].lead)
-	} else {
-		b.committing = false
-	}
-	b.mu.Unlock()
 	<-c.done
 	return c.result()
+}
+
+// commitLoop is the committer: it commits the queue, a group at a time,
+// until Close, and drains it before returning.
+func (b *Bolt) commitLoop() {
+	defer close(b.committed)
+	for {
+		b.mu.Lock()
+		n := min(len(b.queue), maxGroup)
+		group := b.queue[:n:n]
+		b.queue = b.queue[n:]
+		closed := b.closed
+		b.mu.Unlock()
+		if n > 0 {
+			b.commitGroup(group)
+			continue
+		}
+		if closed {
+			return
+		}
+		<-b.wake
+	}
 }
 
 func (c *boltCall) result() error {
@@ -375,8 +394,24 @@ func (b *Bolt) commitGroup(calls []*boltCall) {
 	}
 }
 
-// Close implements Store.
-func (b *Bolt) Close() error { return b.db.Close() }
+// Close implements Store: updates already queued are committed first,
+// later ones fail with bbolt's ErrDatabaseNotOpen.
+func (b *Bolt) Close() error {
+	b.closeOnce.Do(func() {
+		if !b.readOnly {
+			b.mu.Lock()
+			b.closed = true
+			b.mu.Unlock()
+			select {
+			case b.wake <- struct{}{}:
+			default:
+			}
+			<-b.committed
+		}
+		b.closeErr = b.db.Close()
+	})
+	return b.closeErr
+}
 
 // boltTx is a transaction; lenient (read-only opens of files an older
 // schema wrote) reads a known bucket the file lacks as empty.

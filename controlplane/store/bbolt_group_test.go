@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 	"testing"
+
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/controlplane/store/storetest"
@@ -114,5 +117,69 @@ func TestBoltGroupCommitPanicStaysWithItsCaller(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Close commits what is queued and refuses what comes after; no writer
+// is left waiting. Each update either committed (and is in the file when
+// it is opened again) or failed with bbolt's ErrDatabaseNotOpen.
+func TestBoltCloseDrainsTheQueue(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.db")
+	st, err := store.OpenBolt(path, store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	const n = 200
+	var wg sync.WaitGroup
+	errsOut := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errsOut[i] = st.Update(ctx, func(tx store.Tx) error {
+				return tx.Put(store.BucketMeta, fmt.Sprintf("c%03d", i), []byte("v"))
+			})
+		}()
+		if i == n/2 {
+			if err := st.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	wg.Wait()
+	if err := st.Close(); err != nil {
+		t.Fatalf("a second Close: %v", err)
+	}
+	if err := st.Update(ctx, func(store.Tx) error { return nil }); !errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		t.Fatalf("Update after Close = %v, want ErrDatabaseNotOpen", err)
+	}
+	st, err = store.OpenBolt(path, store.BoltOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	refused := 0
+	err = st.View(ctx, func(tx store.Tx) error {
+		for i := range n {
+			_, err := tx.Get(store.BucketMeta, fmt.Sprintf("c%03d", i))
+			switch {
+			case errsOut[i] == nil && err != nil:
+				t.Errorf("update %d was acknowledged but is not in the file: %v", i, err)
+			case errsOut[i] != nil && !errors.Is(errsOut[i], berrors.ErrDatabaseNotOpen):
+				t.Errorf("update %d: %v, want committed or ErrDatabaseNotOpen", i, errsOut[i])
+			case errsOut[i] != nil && !errors.Is(err, store.ErrNotFound):
+				t.Errorf("refused update %d is in the file", i)
+			case errsOut[i] != nil:
+				refused++
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if refused == 0 {
+		t.Error("no update came after Close: the test did not test refusal")
 	}
 }
