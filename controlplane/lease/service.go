@@ -296,7 +296,12 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 	// lease's id and its copy of the spec, sealed.
 	view := s.placer.view(nodes)
 	id := s.newID(s.now())
-	own := proto.Clone(spec).(*leasev1.LeaseSpec)
+	// The lease keeps the request's spec; sealing changes its env, so a
+	// spec with env is copied first and the request keeps what it said.
+	own := spec
+	if len(spec.GetWorkload().GetEnv()) > 0 {
+		own = proto.Clone(spec).(*leasev1.LeaseSpec)
+	}
 	if err := s.sealEnv(&leasev1.Lease{Id: id, Spec: own}); err != nil {
 		return nil, err
 	}
@@ -403,7 +408,10 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 		return nil, err
 	}
 	if created {
-		s.log.Info("lease created", "lease", out.GetId(), "tenant", out.GetSpec().GetTenant(), "phase", short(out.GetPhase()), "node", out.GetPlacement().GetNode())
+		// Debug: the audit log and WatchLeases carry every creation, and a
+		// line each at thousands per second would trip journald's rate
+		// limit (10,000 per 30 s by default) and lose other lines.
+		s.log.Debug("lease created", "lease", out.GetId(), "tenant", out.GetSpec().GetTenant(), "phase", short(out.GetPhase()), "node", out.GetPlacement().GetNode())
 		s.watch.publish(out)
 		s.notify(out.GetPlacement().GetNode())
 	}

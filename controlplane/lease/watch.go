@@ -45,9 +45,12 @@ func (b *broadcaster) unsubscribe(w *watcher) {
 }
 
 func (b *broadcaster) publish(l *leasev1.Lease) {
-	c := proto.Clone(l).(*leasev1.Lease)
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if len(b.subs) == 0 {
+		return // no copy for nobody: a watcher that subscribes later reads the store first
+	}
+	c := proto.Clone(l).(*leasev1.Lease)
 	for w := range b.subs {
 		select {
 		case w.ch <- c:
