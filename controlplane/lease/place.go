@@ -33,8 +33,10 @@ import (
 // placer holds the caches; the zero value is ready.
 type placer struct {
 	mu sync.Mutex
-	// views, newest first, is replaced as a whole, never changed.
-	views   []*fleetView
+	// views, newest first, is replaced as a whole (under mu), never
+	// changed: every create reads it without the lock the committing
+	// transaction holds while it derives states.
+	views   atomic.Pointer[[]*fleetView]
 	states  map[stateID]*placeState
 	sorder  []stateID
 	classes map[string]*gpuClass
@@ -270,9 +272,10 @@ func byID(a, b NodeView) int {
 
 // view returns the cached view of nodes, building it if needed.
 func (p *placer) view(nodes []NodeView) *fleetView {
-	p.mu.Lock()
-	views := p.views
-	p.mu.Unlock()
+	var views []*fleetView
+	if vs := p.views.Load(); vs != nil {
+		views = *vs
+	}
 	for _, v := range views {
 		if v.builtFrom(nodes) {
 			return v
@@ -322,12 +325,14 @@ func (p *placer) view(nodes []NodeView) *fleetView {
 	// may walk a copy of it unlocked.
 	views = make([]*fleetView, 0, viewCacheSize)
 	views = append(views, v)
-	for _, old := range p.views {
-		if len(views) < viewCacheSize {
-			views = append(views, old)
+	if vs := p.views.Load(); vs != nil {
+		for _, old := range *vs {
+			if len(views) < viewCacheSize {
+				views = append(views, old)
+			}
 		}
 	}
-	p.views = views
+	p.views.Store(&views)
 	return v
 }
 

@@ -218,8 +218,8 @@ func TestPlacer_CachesAreBounded(t *testing.T) {
 			p.build(v, fmt.Sprint(i, "/", j), nil)
 		}
 	}
-	if len(p.views) > viewCacheSize {
-		t.Errorf("%d views cached, bound %d", len(p.views), viewCacheSize)
+	if n := len(*p.views.Load()); n > viewCacheSize {
+		t.Errorf("%d views cached, bound %d", n, viewCacheSize)
 	}
 	if len(p.states) > stateCacheSize || len(p.sorder) > stateCacheSize {
 		t.Errorf("%d states cached, bound %d", len(p.states), stateCacheSize)
