@@ -26,6 +26,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/metrics"
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/controlplane/store/storetest"
+	"github.com/gpuaas/gpuaas/pkg/heapfloor"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
 	leasev1 "github.com/gpuaas/gpuaas/proto/gpuaas/lease/v1"
@@ -52,7 +53,8 @@ func source(tb testing.TB, pki *identity.DevPKI, f identity.SVIDFiles) *identity
 // (controlplane/cmd/gpuaas-controlplane run): the store instrumented, RPC
 // metrics outermost, the authorizer with its rate limiter, denial auditor,
 // transport-refusal stats handler and tracer, the edge limits, and info
-// logging through the sanitizing, correlating handler (to io.Discard);
+// logging through the sanitizing, correlating handler (to io.Discard), and
+// the daemon's default GC heap floor (pkg/heapfloor);
 // with nodes GPU hosts connected (8 H200s each, in the fleet registry as
 // agents' sessions put them).
 func startEdge(tb testing.TB, st store.Store, nodes int) *edge {
@@ -64,6 +66,7 @@ func startEdge(tb testing.TB, st store.Store, nodes int) *edge {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tb.Cleanup(cancel)
+	tb.Cleanup(heapfloor.Start(heapfloor.DefaultMiB << 20).Stop)
 	log := slog.New(api.CorrelatedHandler(sanitize.Logger(io.Discard, slog.LevelInfo, true).Handler()))
 	reg := prometheus.NewRegistry()
 	st, err = metrics.InstrumentStore(st, reg)

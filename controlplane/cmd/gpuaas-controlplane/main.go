@@ -28,6 +28,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/attestation"
 	"github.com/gpuaas/gpuaas/pkg/config"
+	"github.com/gpuaas/gpuaas/pkg/heapfloor"
 	"github.com/gpuaas/gpuaas/pkg/identity"
 	"github.com/gpuaas/gpuaas/pkg/sanitize"
 	"github.com/gpuaas/gpuaas/pkg/sdnotify"
@@ -77,6 +78,11 @@ type Config struct {
 	// Replica is this control plane's part in replicated mode (etcd
 	// backend only).
 	Replica ReplicaConfig `yaml:"replica"`
+	// GCHeapFloorMiB keeps the Go heap goal at or above this many MiB
+	// (pkg/heapfloor): a small heap is not collected over and over under
+	// load, for up to this much garbage held between collections. 0: the
+	// default, 128; negative: off (GOGC alone, as does GOGC=off).
+	GCHeapFloorMiB int `yaml:"gc_heap_floor_mib"`
 
 	td        spiffeid.TrustDomain
 	operators []spiffeid.ID
@@ -114,6 +120,12 @@ func (c *Config) Validate() error {
 	}
 	if c.TickInterval.D() < 10*time.Millisecond || c.TickInterval.D() > time.Minute {
 		return config.FieldError("tick_interval", "must be between 10ms and 1m")
+	}
+	if c.GCHeapFloorMiB == 0 {
+		c.GCHeapFloorMiB = heapfloor.DefaultMiB
+	}
+	if c.GCHeapFloorMiB > 64<<10 {
+		return config.FieldError("gc_heap_floor_mib", "must be at most 65536 (64 GiB), or negative for off")
 	}
 	if c.MetricsListen != "" {
 		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
@@ -337,6 +349,9 @@ func main() {
 }
 
 func run(ctx context.Context, cfg *Config, log *slog.Logger) error {
+	if cfg.GCHeapFloorMiB > 0 {
+		defer heapfloor.Start(uint64(cfg.GCHeapFloorMiB) << 20).Stop()
+	}
 	reg := newRegistry()
 	raw, err := store.Open(ctx, cfg.Store)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/gpuaas/gpuaas/controlplane/store"
 	"github.com/gpuaas/gpuaas/pkg/auditlog"
 	"github.com/gpuaas/gpuaas/pkg/config"
+	"github.com/gpuaas/gpuaas/pkg/heapfloor"
 )
 
 func TestShippedConfigIsValid(t *testing.T) {
@@ -128,5 +129,31 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 				t.Fatalf("err = %v, want one naming %s", err, tc.key)
 			}
 		})
+	}
+}
+
+func TestGCHeapFloorConfig(t *testing.T) {
+	base := "listen: 127.0.0.1:7443\ndata_dir: /var/lib/x\ntrust_domain: example.org\nsvid: {cert: a, key: b, bundle: c}\nattestation: {disabled: true}\n"
+	for _, tc := range []struct {
+		line string
+		want int
+		err  string
+	}{
+		{"", heapfloor.DefaultMiB, ""},
+		{"gc_heap_floor_mib: 512\n", 512, ""},
+		{"gc_heap_floor_mib: -1\n", -1, ""},
+		{"gc_heap_floor_mib: 65537\n", 0, "gc_heap_floor_mib"},
+		{"gc_heap_floor_mib: lots\n", 0, "gc_heap_floor_mib"},
+	} {
+		var c Config
+		err := config.Decode([]byte(base+tc.line), &c)
+		switch {
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("%q: err %v, want one naming %s", tc.line, err, tc.err)
+		case tc.err == "" && err != nil:
+			t.Errorf("%q: %v", tc.line, err)
+		case tc.err == "" && c.GCHeapFloorMiB != tc.want:
+			t.Errorf("%q: floor %d MiB, want %d", tc.line, c.GCHeapFloorMiB, tc.want)
+		}
 	}
 }

@@ -1,0 +1,135 @@
+package heapfloor
+
+import (
+	"math"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
+	"testing"
+	"time"
+)
+
+const mib = 1 << 20
+
+func TestPercent(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		base        int
+		floor, live uint64
+		want        int
+	}{
+		{"no collection yet", 100, 128 * mib, 0, 100},
+		{"small heap: goal raised to the floor", 100, 128 * mib, 8 * mib, 1500},
+		{"rounded up, never under the floor", 100, 128 * mib, 7 * mib, 1729},
+		{"half the floor: GOGC=100 already reaches it", 100, 128 * mib, 64 * mib, 100},
+		{"just under half: raised", 100, 128 * mib, 63 * mib, 104},
+		{"live heap past the floor", 100, 128 * mib, 1024 * mib, 100},
+		{"a higher GOGC is kept", 400, 128 * mib, 32 * mib, 400},
+		{"a higher GOGC short of the floor is raised", 400, 128 * mib, 16 * mib, 700},
+		{"GOGC=off", -1, 128 * mib, 8 * mib, -1},
+		{"clamped", 100, math.MaxUint64 / 200, 1, math.MaxInt32},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := Percent(tc.base, tc.floor, tc.live)
+			if got != tc.want {
+				t.Fatalf("Percent(%d, %d, %d) = %d, want %d", tc.base, tc.floor, tc.live, got, tc.want)
+			}
+			if tc.base >= 0 && tc.live > 0 && tc.live < tc.floor && got < math.MaxInt32 {
+				if goal := float64(tc.live) * (1 + float64(got)/100); goal < float64(tc.floor) {
+					t.Fatalf("goal %.0f under the floor %d", goal, tc.floor)
+				}
+			}
+		})
+	}
+}
+
+// The tuner sets the percent only when it changes, follows the live heap
+// both ways, and after Stop restores the base and sets nothing more.
+func TestTunerFollowsTheLiveHeap(t *testing.T) {
+	var sets []int
+	live := uint64(8 * mib)
+	tu := newTuner(128*mib, 100, func(p int) int { sets = append(sets, p); return 0 }, func() uint64 { return live })
+	tu.adjust()
+	tu.adjust()
+	live = 512 * mib
+	tu.adjust()
+	live = 16 * mib
+	tu.adjust()
+	tu.Stop()
+	tu.Stop()
+	live = 4 * mib
+	tu.adjust()
+	want := []int{1500, 100, 700, 100}
+	if len(sets) != len(want) {
+		t.Fatalf("set %v, want %v", sets, want)
+	}
+	for i := range want {
+		if sets[i] != want[i] {
+			t.Fatalf("set %v, want %v", sets, want)
+		}
+	}
+	if tu.Percent() != 100 {
+		t.Fatalf("Percent() after Stop = %d, want the base", tu.Percent())
+	}
+}
+
+func TestNothingToTune(t *testing.T) {
+	if tu := Start(0); tu != nil {
+		tu.Stop()
+		t.Fatal("a zero floor started a tuner")
+	}
+	old := debug.SetGCPercent(-1)
+	defer debug.SetGCPercent(old)
+	if tu := Start(128 * mib); tu != nil {
+		tu.Stop()
+		t.Fatal("GOGC=off started a tuner")
+	}
+	var tu *Tuner
+	tu.Stop() // a nil tuner stops quietly
+}
+
+func gogc() int64 {
+	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64())
+}
+
+// Against the runtime: the percent is raised at once (a test binary's
+// live heap is a few MiB), stays raised across collections, and Stop
+// restores it; the finalizer chain then ends.
+func TestStartRaisesAndStopRestores(t *testing.T) {
+	base := gogc()
+	tu := Start(1024 * mib)
+	if tu == nil {
+		t.Fatal("no tuner")
+	}
+	if got := gogc(); got <= base || got != int64(tu.Percent()) {
+		t.Fatalf("GOGC %d after Start (tuner says %d), want above %d", got, tu.Percent(), base)
+	}
+	for range 3 {
+		runtime.GC()
+	}
+	if got := gogc(); got <= base {
+		t.Fatalf("GOGC %d after three collections, want above %d", got, base)
+	}
+	tu.Stop()
+	if got := gogc(); got != base {
+		t.Fatalf("GOGC %d after Stop, want %d", got, base)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		runtime.GC()
+		select {
+		case <-tu.done:
+			if got := gogc(); got != base {
+				t.Fatalf("GOGC %d after the last finalizer, want %d", got, base)
+			}
+			return
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the finalizer chain did not end after Stop")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
