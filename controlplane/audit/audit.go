@@ -10,8 +10,12 @@
 //
 //	audit
 //	  %020d seq                 entry, canonical JSON (auditlog.Encode); append-only
-//	  tree/%02d/%020d           level >= 1, index -> 32-byte hash of the perfect
-//	                            subtree node; written once, when it completes
+//	  node/%020d/%02d           the node's last leaf (0-based), its level >= 1
+//	                            -> 32-byte hash of the perfect subtree node;
+//	                            written once, when it completes, so the keys
+//	                            only grow (store schema 4)
+//	  tree/%02d/%020d           level, index -> the same, for nodes written
+//	                            before schema 4 (read, never written)
 //	meta
 //	  audit_seq                 uint64 big-endian; sequence of the last entry
 //	  audit_tree                the tree's compact range (auditlog.Tree binary)
@@ -40,9 +44,11 @@ import (
 const (
 	keySeq  = "audit_seq"
 	keyTree = "audit_tree"
-	// treePrefix is where node hashes live in the audit bucket. Entry keys
-	// are digits, so they sort before it.
-	treePrefix = "tree/"
+	// nodePrefix is where node hashes live in the audit bucket, and
+	// legacyNodePrefix where logs written before store schema 4 keep
+	// theirs. Entry keys are digits, so they sort before both.
+	nodePrefix       = "node/"
+	legacyNodePrefix = "tree/"
 )
 
 // Key is the store key of the entry with the sequence number: %020d.
@@ -51,10 +57,24 @@ func Key(seq uint64) string {
 	return string(appendPadded(b[:0], seq, 20))
 }
 
-// nodeKey is tree/%02d/%020d.
+// nodeKey is node/%020d/%02d: the node's last leaf, then its level. A
+// node is stored when its last leaf is appended, so the keys grow with
+// the log and a commit's nodes share one tail page; keyed by level first
+// (legacyNodeKey), every level's range had a tail page of its own, and a
+// commit of a few dozen entries wrote about five of them.
 func nodeKey(level uint, index uint64) string {
-	b := make([]byte, 0, len(treePrefix)+23)
-	b = append(b, treePrefix...)
+	b := make([]byte, 0, len(nodePrefix)+23)
+	b = append(b, nodePrefix...)
+	b = appendPadded(b, (index+1)<<level-1, 20)
+	b = append(b, '/')
+	return string(appendPadded(b, uint64(level), 2))
+}
+
+// legacyNodeKey is tree/%02d/%020d, where nodes written before store
+// schema 4 are.
+func legacyNodeKey(level uint, index uint64) string {
+	b := make([]byte, 0, len(legacyNodePrefix)+23)
+	b = append(b, legacyNodePrefix...)
 	b = appendPadded(b, uint64(level), 2)
 	b = append(b, '/')
 	return string(appendPadded(b, index, 20))
@@ -204,7 +224,11 @@ func nodes(tx store.Tx) auditlog.NodeReader {
 			}
 			return auditlog.LeafHash(raw), nil
 		}
-		return tx.Get(store.BucketAudit, nodeKey(level, index))
+		h, err := tx.Get(store.BucketAudit, nodeKey(level, index))
+		if errors.Is(err, store.ErrNotFound) {
+			return tx.Get(store.BucketAudit, legacyNodeKey(level, index))
+		}
+		return h, err
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/bits"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -384,8 +385,90 @@ func TestKeysArePadded(t *testing.T) {
 			t.Errorf("Key(%d) = %q, want %q", seq, got, want)
 		}
 	}
-	if got := nodeKey(3, 17); got != "tree/03/00000000000000000017" {
+	if got := nodeKey(3, 17); got != "node/00000000000000000143/03" {
 		t.Errorf("nodeKey = %q", got)
+	}
+	if got := legacyNodeKey(3, 17); got != "tree/03/00000000000000000017" {
+		t.Errorf("legacyNodeKey = %q", got)
+	}
+}
+
+// Nodes are keyed in the order they complete, so every append's nodes go
+// after all earlier ones (one tail page per commit, not one per level).
+func TestNodeKeysGrowWithTheLog(t *testing.T) {
+	tree := auditlog.NewTree()
+	last := ""
+	n := 0
+	for i := range 5000 {
+		tree.Append(auditlog.LeafHash([]byte(fmt.Sprint(i))), func(level uint, index uint64, _ []byte) {
+			if level == 0 {
+				return
+			}
+			n++
+			k := nodeKey(level, index)
+			if k <= last {
+				t.Fatalf("leaf %d: node (%d, %d) key %q not after %q", i, level, index, k, last)
+			}
+			last = k
+		})
+	}
+	// A tree of n leaves has n - popcount(n) perfect internal nodes.
+	if want := 5000 - bits.OnesCount(5000); n != want {
+		t.Fatalf("%d nodes completed, want %d", n, want)
+	}
+}
+
+// A log upgraded from schema 3 keeps its old nodes under the legacy keys
+// and writes new ones under the new keys; proofs read both.
+func TestProofsReadNodesWrittenBeforeSchema4(t *testing.T) {
+	for _, name := range []string{"all legacy", "upgraded after entry 6"} {
+		t.Run(name, func(t *testing.T) {
+			s, k := signedLog(t)
+			tamper(t, s, func(tx store.Tx) error {
+				var keys []string
+				err := tx.Scan(store.BucketAudit, nodePrefix, false, func(key string, _ []byte) error {
+					keys = append(keys, key)
+					return nil
+				})
+				if err != nil {
+					return err
+				}
+				moved := 0
+				for _, key := range keys {
+					var lastLeaf, level uint64
+					if _, err := fmt.Sscanf(key, "node/%020d/%02d", &lastLeaf, &level); err != nil {
+						return err
+					}
+					if name != "all legacy" && lastLeaf >= 6 {
+						continue
+					}
+					h, err := tx.Get(store.BucketAudit, key)
+					if err != nil {
+						return err
+					}
+					if err := tx.Put(store.BucketAudit, legacyNodeKey(uint(level), (lastLeaf+1)>>level-1), h); err != nil {
+						return err
+					}
+					if err := tx.Delete(store.BucketAudit, key); err != nil {
+						return err
+					}
+					moved++
+				}
+				if moved == 0 || (name == "all legacy") != (moved == len(keys)) {
+					t.Fatalf("moved %d of %d nodes", moved, len(keys))
+				}
+				return nil
+			})
+			for seq := uint64(1); seq <= 10; seq++ {
+				b, err := Prove(context.Background(), s, seq)
+				if err != nil {
+					t.Fatalf("entry %d: %v", seq, err)
+				}
+				if e, cp, err := b.Verify(testOrigin, k.trusted); err != nil || e.Seq != seq || cp.Size != 10 {
+					t.Fatalf("entry %d: %+v %v %v", seq, e, cp, err)
+				}
+			}
+		})
 	}
 }
 

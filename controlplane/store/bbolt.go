@@ -1,9 +1,9 @@
 package store
 
-// bbolt schema (version 3). One file, one writer process.
+// bbolt schema (version 4). One file, one writer process.
 //
 //   meta
-//     schema_version     uint64 big-endian; 3
+//     schema_version     uint64 big-endian; 4
 //     revision           uint64 big-endian; bumped by every lease change
 //     audit_head         32-byte hash of the last audit entry
 //     audit_seq          uint64 big-endian; sequence of the last audit entry
@@ -12,7 +12,11 @@ package store
 //                        holds every live lease (the lease service builds it)
 //   leases               lease id -> gpuaas.lease.v1.Lease, protobuf
 //   idempotency          caller + "\x00" + key -> {lease id, request hash}, JSON
-//   audit                %020d sequence -> auditlog.Entry, canonical JSON; append-only
+//   audit                %020d sequence -> auditlog.Entry, canonical JSON; append-only;
+//                        and the Merkle tree's nodes (controlplane/audit):
+//                        "node/" + %020d last leaf + "/" + %02d level -> hash,
+//                        "tree/" + %02d level + "/" + %020d index -> hash
+//                        for nodes written before version 4
 //   nodes                node id -> gpuaas.node.v1.Node, protobuf
 //   audit_checkpoints    %020d tree size -> signed checkpoint (C2SP note text)
 //   audit_forward        forwarder delivery state (owned by controlplane/audit)
@@ -33,6 +37,10 @@ package store
 // Version 2 adds audit_checkpoints, audit_forward, allocations and
 // node_state, all empty; the lease service fills allocations on first use.
 // Version 3 adds attestation, attestation_history and ledger, empty.
+// Version 4 keys new audit tree nodes by their last leaf ("node/"), so
+// they append; the nodes already written stay where they are ("tree/")
+// and are read there. Nothing is rewritten; a version 3 binary would not
+// find the new nodes, so it refuses the file.
 //
 // Upgrades run in Open, in one transaction, from the stored version to
 // SchemaVersion. An existing file is first checked read-only: a file from a
@@ -56,7 +64,7 @@ import (
 )
 
 // SchemaVersion is the schema this binary writes.
-const SchemaVersion = 3
+const SchemaVersion = 4
 
 const keySchemaVersion = "schema_version"
 
@@ -265,6 +273,10 @@ func migrate(tx *bolt.Tx, v uint64) error {
 			}
 		}
 		v = 3
+	}
+	// 3 -> 4: audit tree nodes get new keys from now on; nothing moves.
+	if v == 3 {
+		v = 4
 	}
 	for _, b := range Buckets {
 		if tx.Bucket([]byte(b)) == nil {
