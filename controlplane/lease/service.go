@@ -305,6 +305,10 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 	if err := s.sealEnv(&leasev1.Lease{Id: id, Spec: own}); err != nil {
 		return nil, err
 	}
+	idemRec, err := json.Marshal(idemRecord{LeaseID: id, BodyHash: hash})
+	if err != nil {
+		return nil, err
+	}
 
 	// No lock around placement: the store's transactions are serializable
 	// (bbolt's group commit runs its functions one after another in one
@@ -316,7 +320,7 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 	// The two reads of this create's own keys are made ahead, for the
 	// whole batch at once where the store batches (etcd).
 	ahead := []store.Key{{Bucket: store.BucketIdempotency, Key: idemKey}, {Bucket: store.BucketLeases, Key: id}}
-	err := store.UpdateReading(ctx, s.st, ahead, func(tx store.Tx) error {
+	err = store.UpdateReading(ctx, s.st, ahead, func(tx store.Tx) error {
 		created = false
 		if raw, err := tx.Get(store.BucketIdempotency, idemKey); err == nil {
 			var rec idemRecord
@@ -390,8 +394,7 @@ func (s *Service) Create(ctx context.Context, c Caller, req *leasev1.CreateLease
 			}
 			s.placer.derive(st, next, p.GetGpuUuid(), instanceOf(p))
 		}
-		rec, _ := json.Marshal(idemRecord{LeaseID: l.GetId(), BodyHash: hash})
-		if err := tx.Put(store.BucketIdempotency, idemKey, rec); err != nil {
+		if err := tx.Put(store.BucketIdempotency, idemKey, idemRec); err != nil {
 			return err
 		}
 		details := map[string]string{"mig_profile": spec.GetGpu().GetMigProfile(), "image": spec.GetWorkload().GetImage(), "phase": short(l.GetPhase())}
