@@ -462,14 +462,14 @@ const appendFill = 0.9
 func (t boltTx) Get(bucket, key string) ([]byte, error) {
 	bk, err := t.bucket(bucket)
 	if errors.Is(err, errAbsentBucket) {
-		return nil, fmt.Errorf("%s/%s: %w", bucket, key, ErrNotFound)
+		return nil, notFound(bucket, key)
 	}
 	if err != nil {
 		return nil, err
 	}
 	v := bk.Get([]byte(key))
 	if v == nil {
-		return nil, fmt.Errorf("%s/%s: %w", bucket, key, ErrNotFound)
+		return nil, notFound(bucket, key)
 	}
 	return bytes.Clone(v), nil
 }

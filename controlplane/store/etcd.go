@@ -564,7 +564,7 @@ func (t *etcdTx) Get(bucket, key string) ([]byte, error) {
 		return nil, err
 	}
 	if !ok {
-		return nil, fmt.Errorf("%s/%s: %w", bucket, key, ErrNotFound)
+		return nil, notFound(bucket, key)
 	}
 	return bytes.Clone(v), nil
 }

@@ -83,6 +83,15 @@ var (
 	ErrReadOnly = errors.New("store: write in a read-only transaction")
 )
 
+// missingKey is ErrNotFound naming the key. A create reads two keys it
+// expects to be absent; fmt.Errorf cost more than the read.
+type missingKey struct{ bucket, key string }
+
+func notFound(bucket, key string) error { return &missingKey{bucket, key} }
+
+func (e *missingKey) Error() string { return e.bucket + "/" + e.key + ": " + ErrNotFound.Error() }
+func (e *missingKey) Unwrap() error { return ErrNotFound }
+
 // Store runs transactions. Implementations are safe for concurrent use.
 type Store interface {
 	// View runs fn in a read-only transaction.

@@ -112,3 +112,11 @@ func writeRaw(t *testing.T, path string, meta map[string][]byte) {
 		t.Fatal(err)
 	}
 }
+
+// A missing key's error is ErrNotFound and names the bucket and key.
+func TestNotFoundNamesTheKey(t *testing.T) {
+	err := notFound(BucketLeases, "l-x")
+	if !errors.Is(err, ErrNotFound) || err.Error() != "leases/l-x: store: key not found" {
+		t.Fatalf("notFound = %q (Is ErrNotFound: %v)", err, errors.Is(err, ErrNotFound))
+	}
+}
