@@ -101,6 +101,13 @@ type boltCall struct {
 	// as bbolt's Batch does, never in the committer.
 	panicked any
 	done     chan struct{} // closed when err is final
+	finished bool          // done is closed (committer only)
+}
+
+// finish gives c its result (committer only).
+func (c *boltCall) finish(err error) {
+	c.err, c.finished = err, true
+	close(c.done)
 }
 
 // maxGroup bounds the Updates one commit takes.
@@ -335,11 +342,28 @@ func (b *Bolt) Update(ctx context.Context, fn func(Tx) error) error {
 // commitLoop is the committer: it commits the queue, a group at a time,
 // until Close, and drains it before returning.
 func (b *Bolt) commitLoop() {
-	defer close(b.committed)
+	var group []*boltCall
+	returned := false
+	defer func() {
+		if returned {
+			close(b.committed)
+			return
+		}
+		// An update function ended this goroutine (runtime.Goexit, as
+		// t.FailNow does; a panic is recovered per function). bbolt has
+		// rolled the transaction back: the group's unfinished writers get
+		// an error, not a wait forever, and a new committer goes on.
+		for _, c := range group {
+			if !c.finished {
+				c.finish(errUpdateExited)
+			}
+		}
+		go b.commitLoop()
+	}()
 	for {
 		b.mu.Lock()
 		n := min(len(b.queue), maxGroup)
-		group := b.queue[:n:n]
+		group = b.queue[:n:n]
 		b.queue = b.queue[n:]
 		closed := b.closed
 		b.mu.Unlock()
@@ -348,11 +372,16 @@ func (b *Bolt) commitLoop() {
 			continue
 		}
 		if closed {
+			returned = true
 			return
 		}
 		<-b.wake
 	}
 }
+
+// errUpdateExited: an update function ended the goroutine running it.
+// Functions run on the store's committer goroutine and must return.
+var errUpdateExited = errors.New("store: an update function called runtime.Goexit; its group was rolled back")
 
 func (c *boltCall) result() error {
 	if c.panicked != nil {
@@ -393,15 +422,13 @@ func (b *Bolt) commitGroup(calls []*boltCall) {
 			// Committed, or the commit itself failed (every writer
 			// gets its error), or a lone writer's function failed.
 			for _, c := range calls {
-				c.err = err
-				close(c.done)
+				c.finish(err)
 			}
 			return
 		}
 		f := calls[failed]
 		f.panicked = nil
-		f.err = b.db.Update(f.call)
-		close(f.done)
+		f.finish(b.db.Update(f.call))
 		calls = append(calls[:failed:failed], calls[failed+1:]...)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 
@@ -181,5 +182,36 @@ func TestBoltCloseDrainsTheQueue(t *testing.T) {
 	}
 	if refused == 0 {
 		t.Error("no update came after Close: the test did not test refusal")
+	}
+}
+
+// A function that ends its goroutine (runtime.Goexit, as t.FailNow does)
+// ends the committer's: its writers get an error instead of waiting
+// forever, nothing of the group is kept, and the store commits on.
+func TestBoltUpdateThatExitsItsGoroutineFailsItsGroup(t *testing.T) {
+	st := storetest.OpenBoltStore(t)
+	ctx := context.Background()
+	err := st.Update(ctx, func(tx store.Tx) error {
+		if err := tx.Put(store.BucketMeta, "exited", []byte("v")); err != nil {
+			return err
+		}
+		runtime.Goexit()
+		return nil
+	})
+	if err == nil {
+		t.Fatal("an update whose function called runtime.Goexit succeeded")
+	}
+	if err := st.Update(ctx, func(tx store.Tx) error { return tx.Put(store.BucketMeta, "after", []byte("v")) }); err != nil {
+		t.Fatalf("an update after the exit: %v", err)
+	}
+	err = st.View(ctx, func(tx store.Tx) error {
+		if _, err := tx.Get(store.BucketMeta, "exited"); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("the exited update's write was kept: %v", err)
+		}
+		_, err := tx.Get(store.BucketMeta, "after")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

@@ -99,7 +99,9 @@ type Store interface {
 	// Update runs fn in a read-write transaction and commits durably if fn
 	// returns nil. fn may be called more than once (group commit retries,
 	// optimistic conflicts on etcd), so it must not have side effects
-	// outside the transaction. Transactions are serializable: an Update
+	// outside the transaction. It may run on another goroutine than the
+	// caller's (bbolt's committer), so it must return: no runtime.Goexit
+	// (t.FailNow in tests). Transactions are serializable: an Update
 	// that commits saw no write committed after its reads.
 	Update(ctx context.Context, fn func(Tx) error) error
 	Close() error
