@@ -293,6 +293,7 @@ func (r *Registry) ConnectedNodes() []lease.NodeView {
 	// each walk the fleet and hand out lists of their own.
 	r.building.Lock()
 	defer r.building.Unlock()
+	now = r.now() // the wait may have outlasted an attestation
 	if nodes, ok := r.cachedConnected(now); ok {
 		return nodes
 	}
