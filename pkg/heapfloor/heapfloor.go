@@ -54,17 +54,32 @@ type Tuner struct {
 	done    chan struct{} // closed when the last sentinel's finalizer ran after Stop
 }
 
+// running is the tuner Start made and Stop has not stopped: a second one
+// would take the first one's raised percent for GOGC.
+var running atomic.Pointer[Tuner]
+
 // Start keeps the heap goal at or above floor bytes until Stop. It returns
-// nil, changing nothing, if floor is 0 or GOGC is off.
+// nil, changing nothing, if floor is 0, GOGC is off, or another tuner
+// runs (one per process).
 func Start(floor uint64) *Tuner {
-	base := debug.SetGCPercent(100)
-	debug.SetGCPercent(base)
-	t := newTuner(floor, base, debug.SetGCPercent, liveHeap)
-	if t != nil {
-		t.adjust()
-		t.arm()
+	t := newTuner(floor, gcPercent(), debug.SetGCPercent, liveHeap)
+	if t == nil || !running.CompareAndSwap(nil, t) {
+		return nil
 	}
+	t.adjust()
+	t.arm()
 	return t
+}
+
+// gcPercent is the GC percent in force: GOGC, or what SetGCPercent last
+// set; -1 when off.
+func gcPercent() int {
+	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindUint64 || s[0].Value.Uint64() > math.MaxInt32 {
+		return -1
+	}
+	return int(s[0].Value.Uint64())
 }
 
 func newTuner(floor uint64, base int, set func(int) int, live func() uint64) *Tuner {
@@ -96,6 +111,7 @@ func (t *Tuner) Stop() {
 		t.set(t.base)
 		t.percent = t.base
 	}
+	running.CompareAndSwap(t, nil)
 }
 
 func (t *Tuner) adjust() {

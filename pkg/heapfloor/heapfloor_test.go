@@ -88,6 +88,26 @@ func TestNothingToTune(t *testing.T) {
 	tu.Stop() // a nil tuner stops quietly
 }
 
+// One tuner per process: a second would take the first's raised percent
+// for GOGC and keep it.
+func TestOneTunerAtATime(t *testing.T) {
+	first := Start(1024 * mib)
+	if first == nil {
+		t.Fatal("no tuner")
+	}
+	if second := Start(2048 * mib); second != nil {
+		second.Stop()
+		first.Stop()
+		t.Fatal("a second tuner started while the first ran")
+	}
+	first.Stop()
+	again := Start(1024 * mib)
+	if again == nil {
+		t.Fatal("no tuner after the first stopped")
+	}
+	again.Stop()
+}
+
 func gogc() int64 {
 	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
 	metrics.Read(s)
