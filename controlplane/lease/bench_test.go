@@ -3,8 +3,6 @@ package lease
 import (
 	"context"
 	"fmt"
-	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -83,18 +81,12 @@ func BenchmarkCreateLease(b *testing.B) {
 	for _, be := range storetest.Backends {
 		for _, existing := range []int{100, 1000, 10000} {
 			b.Run(fmt.Sprintf("%s/existing=%d", be, existing), func(b *testing.B) {
-				var st store.Store
-				if be == storetest.EtcdKV {
-					st = storetest.OpenEtcdStore(b, storetest.NewEtcd(b, storetest.EtcdConfig{}), store.EtcdOptions{})
-				} else {
-					st = storetest.OpenBoltStore(b)
-				}
+				st := storetest.Open(b, be)
 				seedLeases(b, st, nodes, existing)
 				svc := New(Options{Store: st, Fleet: &fakeFleet{nodes: nodes}})
 				ctx := context.Background()
 				var seq atomic.Int64
-				var mu sync.Mutex
-				lat := make([]time.Duration, 0, b.N)
+				var lat storetest.Latencies
 				b.SetParallelism(16)
 				b.ReportAllocs()
 				b.ResetTimer()
@@ -109,17 +101,11 @@ func BenchmarkCreateLease(b *testing.B) {
 						}
 						mine = append(mine, time.Since(t0))
 					}
-					mu.Lock()
-					lat = append(lat, mine...)
-					mu.Unlock()
+					lat.Add(mine)
 				})
 				elapsed := time.Since(start)
 				b.StopTimer()
-				if len(lat) > 0 {
-					slices.Sort(lat)
-					b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
-					b.ReportMetric(float64(len(lat))/elapsed.Seconds(), "creates/s")
-				}
+				lat.Report(b, elapsed)
 			})
 		}
 	}

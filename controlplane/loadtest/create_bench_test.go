@@ -8,7 +8,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -145,12 +144,7 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 
 func benchCreateLeaseGRPC(b *testing.B, be storetest.Backend, workers int) {
 	b.Run(fmt.Sprintf("%s/clients=%d", be, workers), func(b *testing.B) {
-		var st store.Store
-		if be == storetest.EtcdKV {
-			st = storetest.OpenEtcdStore(b, storetest.NewEtcd(b, storetest.EtcdConfig{}), store.EtcdOptions{})
-		} else {
-			st = storetest.OpenBoltStore(b)
-		}
+		st := storetest.Open(b, be)
 		e := startEdge(b, st, 256)
 		src := source(b, e.pki, e.pki.Operators["alice"])
 		var clients []leasev1.LeaseServiceClient
@@ -163,8 +157,7 @@ func benchCreateLeaseGRPC(b *testing.B, be storetest.Backend, workers int) {
 			clients = append(clients, leasev1.NewLeaseServiceClient(conn))
 		}
 		ctx := context.Background()
-		var mu sync.Mutex
-		lat := make([]time.Duration, 0, b.N)
+		var lat storetest.Latencies
 		var wg sync.WaitGroup
 		var left atomic.Int64
 		left.Store(int64(b.N))
@@ -193,20 +186,15 @@ func benchCreateLeaseGRPC(b *testing.B, be storetest.Backend, workers int) {
 					}
 					mine = append(mine, time.Since(t0))
 				}
-				mu.Lock()
-				lat = append(lat, mine...)
-				mu.Unlock()
+				lat.Add(mine)
 			}()
 		}
 		wg.Wait()
 		elapsed := time.Since(start)
 		cpu := cpuTime() - cpu0
 		b.StopTimer()
-		if len(lat) > 0 {
-			slices.Sort(lat)
-			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
-			b.ReportMetric(float64(len(lat))/elapsed.Seconds(), "creates/s")
-			b.ReportMetric(float64(cpu.Microseconds())/float64(len(lat)), "cpu-µs/create")
+		if n := lat.Report(b, elapsed); n > 0 {
+			b.ReportMetric(float64(cpu.Microseconds())/float64(n), "cpu-µs/create")
 		}
 	})
 }

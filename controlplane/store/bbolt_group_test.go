@@ -25,25 +25,18 @@ func TestBoltGroupCommitIsolatesAFailedUpdate(t *testing.T) {
 	ctx := context.Background()
 	errBoom := errors.New("boom")
 	const n = 300
-	var wg sync.WaitGroup
-	errsOut := make([]error, n)
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errsOut[i] = st.Update(ctx, func(tx store.Tx) error {
-				if err := tx.Put(store.BucketMeta, fmt.Sprintf("k%03d", i), []byte("v")); err != nil {
-					return err
-				}
-				if i%10 == 0 {
-					return fmt.Errorf("update %d: %w", i, errBoom) // after writing
-				}
-				_, err := store.NextU64(tx, "counter")
+	errsOut := concurrently(n, func(i int) error {
+		return st.Update(ctx, func(tx store.Tx) error {
+			if err := tx.Put(store.BucketMeta, fmt.Sprintf("k%03d", i), []byte("v")); err != nil {
 				return err
-			})
-		}()
-	}
-	wg.Wait()
+			}
+			if i%10 == 0 {
+				return fmt.Errorf("update %d: %w", i, errBoom) // after writing
+			}
+			_, err := store.NextU64(tx, "counter")
+			return err
+		})
+	}, nil)
 	err := st.View(ctx, func(tx store.Tx) error {
 		for i := range n {
 			_, err := tx.Get(store.BucketMeta, fmt.Sprintf("k%03d", i))
@@ -132,23 +125,17 @@ func TestBoltCloseDrainsTheQueue(t *testing.T) {
 	}
 	ctx := context.Background()
 	const n = 200
-	var wg sync.WaitGroup
-	errsOut := make([]error, n)
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errsOut[i] = st.Update(ctx, func(tx store.Tx) error {
-				return tx.Put(store.BucketMeta, fmt.Sprintf("c%03d", i), []byte("v"))
-			})
-		}()
+	errsOut := concurrently(n, func(i int) error {
+		return st.Update(ctx, func(tx store.Tx) error {
+			return tx.Put(store.BucketMeta, fmt.Sprintf("c%03d", i), []byte("v"))
+		})
+	}, func(i int) {
 		if i == n/2 {
 			if err := st.Close(); err != nil {
-				t.Fatal(err)
+				t.Error(err)
 			}
 		}
-	}
-	wg.Wait()
+	})
 	if err := st.Close(); err != nil {
 		t.Fatalf("a second Close: %v", err)
 	}
@@ -214,4 +201,20 @@ func TestBoltUpdateThatExitsItsGoroutineFailsItsGroup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// concurrently runs update(0..n-1), each on a goroutine of its own, calls
+// after(i) once update i has started (if after is set), and returns their
+// errors.
+func concurrently(n int, update func(i int) error, after func(i int)) []error {
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = update(i) })
+		if after != nil {
+			after(i)
+		}
+	}
+	wg.Wait()
+	return errs
 }
