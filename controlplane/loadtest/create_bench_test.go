@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
@@ -130,9 +131,10 @@ func startEdge(tb testing.TB, st store.Store, nodes int) *edge {
 // the whole process (clients included) per create. bbolt runs at three
 // client counts: a group commit takes what queued while the last one ran,
 // so more clients trade latency for throughput, and the target is a rate
-// at a p99. A last bbolt run starts with 200,000 idempotency records, as
+// at a p99. Two last bbolt runs start with 200,000 idempotency records, as
 // a store that has served for a while holds: each create's random key
-// then lands in a larger index.
+// then lands in a larger index, unless the platform's keys are time-ordered
+// (UUIDv7), which append.
 func BenchmarkCreateLeaseGRPC(b *testing.B) {
 	for _, be := range storetest.Backends {
 		counts := []int{64}
@@ -140,16 +142,24 @@ func BenchmarkCreateLeaseGRPC(b *testing.B) {
 			counts = []int{64, 96, 128}
 		}
 		for _, workers := range counts {
-			benchCreateLeaseGRPC(b, fmt.Sprintf("%s/clients=%d", be, workers), be, workers, 0)
+			benchCreateLeaseGRPC(b, fmt.Sprintf("%s/clients=%d", be, workers), be, workers, 0, randomKey)
 		}
 	}
-	benchCreateLeaseGRPC(b, "bolt/clients=64/idempotency=200000", storetest.Bolt, 64, 200_000)
+	benchCreateLeaseGRPC(b, "bolt/clients=64/idempotency=200000", storetest.Bolt, 64, 200_000, randomKey)
+	benchCreateLeaseGRPC(b, "bolt/clients=64/idempotency=200000/keys=uuidv7", storetest.Bolt, 64, 200_000, uuidv7Key)
 }
 
-func benchCreateLeaseGRPC(b *testing.B, name string, be storetest.Backend, workers, records int) {
+// randomKey is an idempotency key as a random request id (UUIDv4 and the
+// like) is: each lands on a page of its own in the index.
+func randomKey() string { return fmt.Sprintf("%016x%016x", rand.Uint64(), rand.Uint64()) }
+
+// uuidv7Key is a time-ordered request id (RFC 9562 UUIDv7).
+func uuidv7Key() string { return uuid.Must(uuid.NewV7()).String() }
+
+func benchCreateLeaseGRPC(b *testing.B, name string, be storetest.Backend, workers, records int, key func() string) {
 	b.Run(name, func(b *testing.B) {
 		st := storetest.Open(b, be)
-		seedIdempotency(b, st, records)
+		seedIdempotency(b, st, records, key)
 		e := startEdge(b, st, 256)
 		src := source(b, e.pki, e.pki.Operators["alice"])
 		var clients []leasev1.LeaseServiceClient
@@ -176,9 +186,7 @@ func benchCreateLeaseGRPC(b *testing.B, name string, be storetest.Backend, worke
 				lc := clients[w%len(clients)]
 				var mine []time.Duration
 				for left.Add(-1) >= 0 {
-					// Random keys, as a platform's request UUIDs are:
-					// each lands on its own page of the index.
-					req := &leasev1.CreateLeaseRequest{IdempotencyKey: fmt.Sprintf("%016x%016x", rand.Uint64(), rand.Uint64()), Spec: &leasev1.LeaseSpec{
+					req := &leasev1.CreateLeaseRequest{IdempotencyKey: key(), Spec: &leasev1.LeaseSpec{
 						Tenant:   "acme",
 						Gpu:      &leasev1.GpuRequest{Kind: &leasev1.GpuRequest_MigProfile{MigProfile: "1g.18gb"}},
 						Workload: &leasev1.Workload{Image: "localhost/gpuaas/busybox:demo"},
@@ -204,9 +212,9 @@ func benchCreateLeaseGRPC(b *testing.B, name string, be storetest.Backend, worke
 	})
 }
 
-// seedIdempotency stores n idempotency records under random keys of the
+// seedIdempotency stores n idempotency records under keys of the
 // benchmark's caller, in the lease service's format, 2,000 per commit.
-func seedIdempotency(b *testing.B, st store.Store, n int) {
+func seedIdempotency(b *testing.B, st store.Store, n int, key func() string) {
 	b.Helper()
 	const caller = "spiffe://gpuaas.test/gpuaas/operator/alice\x00"
 	rec := []byte(`{"lease_id":"l-06h2ecrgq45k2op03ckk","body_hash":"` + strings.Repeat("ab", 32) + `"}`)
@@ -214,7 +222,7 @@ func seedIdempotency(b *testing.B, st store.Store, n int) {
 		batch := min(2000, n-done)
 		err := st.Update(context.Background(), func(tx store.Tx) error {
 			for range batch {
-				if err := tx.Put(store.BucketIdempotency, caller+fmt.Sprintf("%016x%016x", rand.Uint64(), rand.Uint64()), rec); err != nil {
+				if err := tx.Put(store.BucketIdempotency, caller+key(), rec); err != nil {
 					return err
 				}
 			}
