@@ -25,28 +25,42 @@ import (
 // DefaultMiB is the control plane's floor.
 const DefaultMiB = 128
 
-// Percent is the GC percent that keeps the heap goal, live*(1+p/100), at
-// or above floor: base if that already does, never less than base.
-func Percent(base int, floor, live uint64) int {
+// Percent is the GC percent that keeps the heap goal at or above floor:
+// base if that already does, never less than base. The goal is the
+// runtime's: live + (live + scan) * percent/100, where live is the heap
+// marked by the last collection and scan the stacks and globals it
+// scanned (runtime/mgcpacer.go). Leaving scan out overshoots: a thousand
+// agent sessions' goroutine stacks doubled the goal.
+func Percent(base int, floor, live, scan uint64) int {
 	if base < 0 || live == 0 || live >= floor {
 		return base
 	}
-	// live < floor: p = ceil((floor-live)*100/live).
-	p := ((floor-live)*100 + live - 1) / live
-	if p > math.MaxInt32 {
-		p = math.MaxInt32
+	work := live + scan
+	if live+work*uint64(base)/100 >= floor {
+		return base
 	}
+	// p = ceil((floor-live)*100/work), at most the percent whose minimum
+	// heap alone is the floor: the runtime raises its minimum heap with
+	// the percent (4 MiB at 100), and a percent set from a tiny heap made
+	// the first goal after a quiet start hundreds of MiB.
+	p := ((floor-live)*100 + work - 1) / work
+	p = min(p, floor*100/runtimeMinHeap, math.MaxInt32)
 	return max(base, int(p))
 }
+
+// runtimeMinHeap is the runtime's minimum heap goal at GOGC=100
+// (defaultHeapMinimum in runtime/mgcpacer.go); it scales with the percent.
+const runtimeMinHeap = 4 << 20
 
 // Tuner re-sets the GC percent after each collection.
 type Tuner struct {
 	floor uint64
 	base  int
-	// set and live are debug.SetGCPercent and the live heap after the
-	// last collection; tests replace them.
+	// set and heap are debug.SetGCPercent and the heap the last
+	// collection marked live and the stacks and globals it scanned; tests
+	// replace them.
 	set  func(int) int
-	live func() uint64
+	heap func() (live, scan uint64)
 
 	mu      sync.Mutex // orders adjust and Stop
 	percent int        // last set
@@ -62,7 +76,7 @@ var running atomic.Pointer[Tuner]
 // nil, changing nothing, if floor is 0, GOGC is off, or another tuner
 // runs (one per process).
 func Start(floor uint64) *Tuner {
-	t := newTuner(floor, gcPercent(), debug.SetGCPercent, liveHeap)
+	t := newTuner(floor, gcPercent(), debug.SetGCPercent, lastHeap)
 	if t == nil || !running.CompareAndSwap(nil, t) {
 		return nil
 	}
@@ -82,11 +96,11 @@ func gcPercent() int {
 	return int(s[0].Value.Uint64())
 }
 
-func newTuner(floor uint64, base int, set func(int) int, live func() uint64) *Tuner {
+func newTuner(floor uint64, base int, set func(int) int, heap func() (live, scan uint64)) *Tuner {
 	if floor == 0 || base < 0 {
 		return nil
 	}
-	return &Tuner{floor: floor, base: base, set: set, live: live, percent: base, done: make(chan struct{})}
+	return &Tuner{floor: floor, base: base, set: set, heap: heap, percent: base, done: make(chan struct{})}
 }
 
 // Percent is the GC percent the tuner last set.
@@ -120,7 +134,8 @@ func (t *Tuner) adjust() {
 	if t.stopped.Load() {
 		return
 	}
-	if p := Percent(t.base, t.floor, t.live()); p != t.percent {
+	live, scan := t.heap()
+	if p := Percent(t.base, t.floor, live, scan); p != t.percent {
 		t.set(p)
 		t.percent = p
 	}
@@ -144,15 +159,17 @@ func (t *Tuner) arm() {
 	})
 }
 
-// liveHeap is the heap marked live by the last collection; before the
-// first, the heap in use (live and garbage alike) stands in for it.
-func liveHeap() uint64 {
-	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/memory/classes/heap/objects:bytes"}}
+// lastHeap is the heap the last collection marked live (0 before the
+// first: the percent stays as it is until then), and the stacks and
+// globals it scanned.
+func lastHeap() (live, scan uint64) {
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/gc/scan/stack:bytes"}, {Name: "/gc/scan/globals:bytes"}}
 	metrics.Read(s)
-	for _, v := range s {
-		if v.Value.Kind() == metrics.KindUint64 && v.Value.Uint64() > 0 {
-			return v.Value.Uint64()
+	u := func(i int) uint64 {
+		if s[i].Value.Kind() != metrics.KindUint64 {
+			return 0
 		}
+		return s[i].Value.Uint64()
 	}
-	return 0
+	return u(0), u(1) + u(2)
 }

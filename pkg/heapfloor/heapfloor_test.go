@@ -13,30 +13,42 @@ const mib = 1 << 20
 
 func TestPercent(t *testing.T) {
 	for _, tc := range []struct {
-		name        string
-		base        int
-		floor, live uint64
-		want        int
+		name              string
+		base              int
+		floor, live, scan uint64
+		want              int
 	}{
-		{"no collection yet", 100, 128 * mib, 0, 100},
-		{"small heap: goal raised to the floor", 100, 128 * mib, 8 * mib, 1500},
-		{"rounded up, never under the floor", 100, 128 * mib, 7 * mib, 1729},
-		{"half the floor: GOGC=100 already reaches it", 100, 128 * mib, 64 * mib, 100},
-		{"just under half: raised", 100, 128 * mib, 63 * mib, 104},
-		{"live heap past the floor", 100, 128 * mib, 1024 * mib, 100},
-		{"a higher GOGC is kept", 400, 128 * mib, 32 * mib, 400},
-		{"a higher GOGC short of the floor is raised", 400, 128 * mib, 16 * mib, 700},
-		{"GOGC=off", -1, 128 * mib, 8 * mib, -1},
-		{"clamped", 100, math.MaxUint64 / 200, 1, math.MaxInt32},
+		{"no collection yet", 100, 128 * mib, 0, 0, 100},
+		{"small heap: goal raised to the floor", 100, 128 * mib, 8 * mib, 0, 1500},
+		{"rounded up, never under the floor", 100, 128 * mib, 7 * mib, 0, 1729},
+		{"half the floor: GOGC=100 already reaches it", 100, 128 * mib, 64 * mib, 0, 100},
+		{"just under half: raised", 100, 128 * mib, 63 * mib, 0, 104},
+		{"stacks count toward the goal", 100, 128 * mib, 8 * mib, 112 * mib, 100},
+		{"stacks count toward the goal, short of it", 100, 128 * mib, 8 * mib, 32 * mib, 300},
+		{"live heap past the floor", 100, 128 * mib, 1024 * mib, 0, 100},
+		{"a higher GOGC is kept", 400, 128 * mib, 32 * mib, 0, 400},
+		{"a higher GOGC short of the floor is raised", 400, 128 * mib, 16 * mib, 0, 700},
+		{"GOGC=off", -1, 128 * mib, 8 * mib, 0, -1},
+		{"at most the percent whose minimum heap is the floor", 100, 128 * mib, 1 * mib, 0, 3200},
+		{"a tiny heap and a huge floor", 100, math.MaxUint64 / 200, 1, 0, math.MaxInt32},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := Percent(tc.base, tc.floor, tc.live)
+			got := Percent(tc.base, tc.floor, tc.live, tc.scan)
 			if got != tc.want {
-				t.Fatalf("Percent(%d, %d, %d) = %d, want %d", tc.base, tc.floor, tc.live, got, tc.want)
+				t.Fatalf("Percent(%d, %d, %d, %d) = %d, want %d", tc.base, tc.floor, tc.live, tc.scan, got, tc.want)
 			}
+			// The runtime's goal (runtime/mgcpacer.go) reaches the floor,
+			// and a percent one less would not, unless it is the base.
+			goal := func(p int) float64 {
+				return float64(tc.live) + float64(tc.live+tc.scan)*float64(p)/100
+			}
+			minHeap := float64(runtimeMinHeap) * float64(got) / 100
 			if tc.base >= 0 && tc.live > 0 && tc.live < tc.floor && got < math.MaxInt32 {
-				if goal := float64(tc.live) * (1 + float64(got)/100); goal < float64(tc.floor) {
-					t.Fatalf("goal %.0f under the floor %d", goal, tc.floor)
+				if max(goal(got), minHeap) < float64(tc.floor) {
+					t.Fatalf("goal %.0f under the floor %d", goal(got), tc.floor)
+				}
+				if got > tc.base && max(goal(got-1), float64(runtimeMinHeap)*float64(got-1)/100) >= float64(tc.floor) {
+					t.Fatalf("percent %d overshoots: %d already reaches the floor", got, got-1)
 				}
 			}
 		})
@@ -48,7 +60,7 @@ func TestPercent(t *testing.T) {
 func TestTunerFollowsTheLiveHeap(t *testing.T) {
 	var sets []int
 	live := uint64(8 * mib)
-	tu := newTuner(128*mib, 100, func(p int) int { sets = append(sets, p); return 0 }, func() uint64 { return live })
+	tu := newTuner(128*mib, 100, func(p int) int { sets = append(sets, p); return 0 }, func() (uint64, uint64) { return live, 0 })
 	tu.adjust()
 	tu.adjust()
 	live = 512 * mib
@@ -119,6 +131,7 @@ func gogc() int64 {
 // restores it; the finalizer chain then ends.
 func TestStartRaisesAndStopRestores(t *testing.T) {
 	base := gogc()
+	runtime.GC() // the tuner waits for a collection's live heap
 	tu := Start(1024 * mib)
 	if tu == nil {
 		t.Fatal("no tuner")
