@@ -281,14 +281,24 @@ func (p *placer) view(nodes []NodeView) *fleetView {
 			return v
 		}
 		if v.matches(nodes) {
-			v.from.Store(&nodes)
+			v.adopt(nodes)
 			return v
 		}
 	}
+	return p.newView(nodes)
+}
+
+// adopt makes nodes, a list v matches, the one v is known by. (A function
+// of its own: the pointer it stores would otherwise put every caller's
+// list header on the heap, the identity hit on every create included.)
+func (v *fleetView) adopt(nodes []NodeView) { v.from.Store(&nodes) }
+
+// newView builds and caches the view of nodes.
+func (p *placer) newView(nodes []NodeView) *fleetView {
 	sorted := slices.Clone(nodes)
 	slices.SortFunc(sorted, byID)
 	v := &fleetView{byUUID: map[string][]int{}, src: map[string]*srcNode{}}
-	v.from.Store(&nodes)
+	v.adopt(nodes)
 	for i, n := range sorted {
 		if _, dup := v.src[n.ID]; dup || v.src == nil {
 			v.src = nil // two nodes of one id: never matched again
@@ -323,7 +333,7 @@ func (p *placer) view(nodes []NodeView) *fleetView {
 	defer p.mu.Unlock()
 	// The newest first; the list is replaced, never changed, so readers
 	// may walk a copy of it unlocked.
-	views = make([]*fleetView, 0, viewCacheSize)
+	views := make([]*fleetView, 0, viewCacheSize)
 	views = append(views, v)
 	if vs := p.views.Load(); vs != nil {
 		for _, old := range *vs {

@@ -29,8 +29,8 @@ const DefaultMiB = 128
 // base if that already does, never less than base. The goal is the
 // runtime's: live + (live + scan) * percent/100, where live is the heap
 // marked by the last collection and scan the stacks and globals it
-// scanned (runtime/mgcpacer.go). Leaving scan out overshoots: a thousand
-// agent sessions' goroutine stacks doubled the goal.
+// scanned (runtime/mgcpacer.go); leaving scan out would overshoot the
+// floor where goroutine stacks are large (an agent session has several).
 func Percent(base int, floor, live, scan uint64) int {
 	if base < 0 || live == 0 || live >= floor {
 		return base
