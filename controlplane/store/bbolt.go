@@ -1,9 +1,9 @@
 package store
 
-// bbolt schema (version 4). One file, one writer process.
+// bbolt schema (version 5). One file, one writer process.
 //
 //   meta
-//     schema_version     uint64 big-endian; 4
+//     schema_version     uint64 big-endian; 5
 //     revision           uint64 big-endian; bumped by every lease change
 //     audit_head         32-byte hash of the last audit entry
 //     audit_seq          uint64 big-endian; sequence of the last audit entry
@@ -11,7 +11,12 @@ package store
 //     alloc_index        uint64 big-endian; 1 once the allocations bucket
 //                        holds every live lease (the lease service builds it)
 //   leases               lease id -> gpuaas.lease.v1.Lease, protobuf
-//   idempotency          caller + "\x00" + key -> {lease id, request hash}, JSON
+//   idempotency.log      the idempotency records, a log (bbolt_log.go):
+//                        uint64 big-endian sequence -> uvarint key length,
+//                        key (caller + "\x00" + idempotency key), value
+//                        ({lease id, request hash}, JSON); found through a
+//                        directory in memory, rebuilt at open
+//   idempotency          the records written before version 5, by key
 //   audit                %020d sequence -> auditlog.Entry, canonical JSON; append-only;
 //                        and the Merkle tree's nodes (controlplane/audit):
 //                        "node/" + %020d last leaf + "/" + %02d level -> hash,
@@ -41,6 +46,11 @@ package store
 // they append; the nodes already written stay where they are ("tree/")
 // and are read there. Nothing is rewritten; a version 3 binary would not
 // find the new nodes, so it refuses the file.
+// Version 5 adds idempotency.log: new idempotency records are appended
+// there, in the order they are written, instead of one leaf page per
+// random key; the records already in idempotency stay, and are read
+// there. A version 4 binary would not find the new records, so it
+// refuses the file.
 //
 // Upgrades run in Open, in one transaction, from the stored version to
 // SchemaVersion. An existing file is first checked read-only: a file from a
@@ -64,7 +74,7 @@ import (
 )
 
 // SchemaVersion is the schema this binary writes.
-const SchemaVersion = 4
+const SchemaVersion = 5
 
 const keySchemaVersion = "schema_version"
 
@@ -73,12 +83,16 @@ type BoltOptions struct {
 	// OpenTimeout bounds the wait for the file lock (default 1s), so two
 	// daemons can never share a data file.
 	OpenTimeout time.Duration
+	// InitialMmapSize is bbolt's: while the file fits in it, a commit
+	// never remaps, and so never waits for open read transactions.
+	InitialMmapSize int
 }
 
 // Bolt is the embedded bbolt backend.
 type Bolt struct {
 	db       *bolt.DB
 	readOnly bool
+	logs     keyLogs // the logged buckets' directories (bbolt_log.go)
 
 	// Group commit (Update): writers queue while a commit runs; the
 	// committer's next commit takes them all.
@@ -129,10 +143,11 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 			return nil, fmt.Errorf("open store %s: %w", path, err)
 		}
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.OpenTimeout})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.OpenTimeout, InitialMmapSize: opts.InitialMmapSize})
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, classifyOpenError(err))
 	}
+	var logs keyLogs
 	err = boltSafe(func() error {
 		return db.Update(func(tx *bolt.Tx) error {
 			from := uint64(0)
@@ -142,14 +157,18 @@ func OpenBolt(path string, opts BoltOptions) (*Bolt, error) {
 					return err
 				}
 			}
-			return migrate(tx, from)
+			if err := migrate(tx, from); err != nil {
+				return err
+			}
+			logs, err = loadKeyLogs(tx)
+			return err
 		})
 	})
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	b := &Bolt{db: db, wake: make(chan struct{}, 1), committed: make(chan struct{})}
+	b := &Bolt{db: db, logs: logs, wake: make(chan struct{}, 1), committed: make(chan struct{})}
 	go b.commitLoop()
 	return b, nil
 }
@@ -173,7 +192,19 @@ func OpenBoltReadOnly(path string, timeout time.Duration) (*Bolt, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, classifyOpenError(err))
 	}
-	return &Bolt{db: db, readOnly: true}, nil
+	var logs keyLogs
+	err = boltSafe(func() error {
+		return db.View(func(tx *bolt.Tx) error {
+			var err error
+			logs, err = loadKeyLogs(tx)
+			return err
+		})
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	return &Bolt{db: db, logs: logs, readOnly: true}, nil
 }
 
 func classifyOpenError(err error) error {
@@ -285,7 +316,21 @@ func migrate(tx *bolt.Tx, v uint64) error {
 	if v == 3 {
 		v = 4
 	}
+	// 4 -> 5: new idempotency records go to a log; the keyed ones stay.
+	if v == 4 {
+		for _, log := range loggedBuckets {
+			if _, err := tx.CreateBucketIfNotExists([]byte(log)); err != nil {
+				return err
+			}
+		}
+		v = 5
+	}
 	for _, b := range Buckets {
+		if tx.Bucket([]byte(b)) == nil {
+			return fmt.Errorf("%w: bucket %s missing at schema %d", ErrCorrupt, b, v)
+		}
+	}
+	for _, b := range loggedBuckets {
 		if tx.Bucket([]byte(b)) == nil {
 			return fmt.Errorf("%w: bucket %s missing at schema %d", ErrCorrupt, b, v)
 		}
@@ -298,7 +343,7 @@ func (b *Bolt) View(ctx context.Context, fn func(Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return b.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx, lenient: b.readOnly}) })
+	return b.db.View(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx, lenient: b.readOnly, logs: b.logs}) })
 }
 
 // Update implements Store. Concurrent updates are committed together, one
@@ -394,14 +439,25 @@ func (c *boltCall) result() error {
 // back; the function's caller gets the panic itself.
 var errPanicked = errors.New("store: update function panicked")
 
-// call runs c.fn, turning a panic into errPanicked (recorded on c).
-func (c *boltCall) call(tx *bolt.Tx) (err error) {
+// call runs c.fn in tx, turning a panic into errPanicked (recorded on c).
+func (c *boltCall) call(tx boltTx) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			c.panicked, err = p, errPanicked
 		}
 	}()
-	return c.fn(boltTx{tx: tx})
+	return c.fn(tx)
+}
+
+// update runs fn in one bbolt write transaction; what it added to the
+// logged buckets' directories is taken out again if it does not commit.
+func (b *Bolt) update(fn func(boltTx) error) error {
+	j := &logJournal{}
+	err := b.db.Update(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx, logs: b.logs, journal: j}) })
+	if err != nil {
+		j.undo()
+	}
+	return err
 }
 
 // commitGroup commits calls in one transaction, or, if one fails, that
@@ -409,7 +465,7 @@ func (c *boltCall) call(tx *bolt.Tx) (err error) {
 func (b *Bolt) commitGroup(calls []*boltCall) {
 	for len(calls) > 0 {
 		failed := -1
-		err := b.db.Update(func(tx *bolt.Tx) error {
+		err := b.update(func(tx boltTx) error {
 			for i, c := range calls {
 				if err := c.call(tx); err != nil {
 					failed = i
@@ -428,7 +484,7 @@ func (b *Bolt) commitGroup(calls []*boltCall) {
 		}
 		f := calls[failed]
 		f.panicked = nil
-		f.finish(b.db.Update(f.call))
+		f.finish(b.update(f.call))
 		calls = append(calls[:failed:failed], calls[failed+1:]...)
 	}
 }
@@ -457,6 +513,8 @@ func (b *Bolt) Close() error {
 type boltTx struct {
 	tx      *bolt.Tx
 	lenient bool
+	logs    keyLogs
+	journal *logJournal // a write transaction's additions to logs
 }
 
 // errAbsentBucket: a known bucket an older file does not have (lenient).
@@ -487,6 +545,15 @@ var appendOrdered = map[string]bool{BucketAudit: true, BucketLedger: true, Bucke
 const appendFill = 0.9
 
 func (t boltTx) Get(bucket, key string) ([]byte, error) {
+	if lt, err := t.logged(bucket); lt != nil || err != nil {
+		if err != nil {
+			return nil, err
+		}
+		if v := lt.get(key); v != nil {
+			return bytes.Clone(v), nil
+		}
+		return nil, notFound(bucket, key)
+	}
 	bk, err := t.bucket(bucket)
 	if errors.Is(err, errAbsentBucket) {
 		return nil, notFound(bucket, key)
@@ -505,6 +572,12 @@ func (t boltTx) Put(bucket, key string, value []byte) error {
 	if !t.tx.Writable() {
 		return ErrReadOnly
 	}
+	if lt, err := t.logged(bucket); lt != nil || err != nil {
+		if err != nil {
+			return err
+		}
+		return lt.put(key, value)
+	}
 	bk, err := t.bucket(bucket)
 	if err != nil {
 		return err
@@ -516,6 +589,12 @@ func (t boltTx) Delete(bucket, key string) error {
 	if !t.tx.Writable() {
 		return ErrReadOnly
 	}
+	if lt, err := t.logged(bucket); lt != nil || err != nil {
+		if err != nil {
+			return err
+		}
+		return lt.delete(key)
+	}
 	bk, err := t.bucket(bucket)
 	if err != nil {
 		return err
@@ -524,6 +603,12 @@ func (t boltTx) Delete(bucket, key string) error {
 }
 
 func (t boltTx) Scan(bucket, prefix string, reverse bool, fn func(string, []byte) error) error {
+	if lt, err := t.logged(bucket); lt != nil || err != nil {
+		if err != nil {
+			return err
+		}
+		return lt.scan(prefix, reverse, fn)
+	}
 	bk, err := t.bucket(bucket)
 	if errors.Is(err, errAbsentBucket) {
 		return nil

@@ -30,6 +30,9 @@ func TestBoltGroupCommitIsolatesAFailedUpdate(t *testing.T) {
 			if err := tx.Put(store.BucketMeta, fmt.Sprintf("k%03d", i), []byte("v")); err != nil {
 				return err
 			}
+			if err := tx.Put(store.BucketIdempotency, fmt.Sprintf("c\x00k%03d", i), []byte("v")); err != nil {
+				return err
+			}
 			if i%10 == 0 {
 				return fmt.Errorf("update %d: %w", i, errBoom) // after writing
 			}
@@ -40,6 +43,9 @@ func TestBoltGroupCommitIsolatesAFailedUpdate(t *testing.T) {
 	err := st.View(ctx, func(tx store.Tx) error {
 		for i := range n {
 			_, err := tx.Get(store.BucketMeta, fmt.Sprintf("k%03d", i))
+			if _, ierr := tx.Get(store.BucketIdempotency, fmt.Sprintf("c\x00k%03d", i)); (ierr == nil) != (err == nil) {
+				t.Errorf("update %d: its idempotency record reads %v where its meta key reads %v", i, ierr, err)
+			}
 			switch {
 			case i%10 == 0 && !errors.Is(errsOut[i], errBoom):
 				t.Errorf("update %d returned %v, want its own error", i, errsOut[i])

@@ -138,6 +138,30 @@ func TestBoltUpgradesAVersion1File(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("write to a new bucket: %v", err)
 	}
+	// The idempotency record written before version 5 is replaced where
+	// it is, and a new one goes to the log: a scan finds each once.
+	legacy := "spiffe://gpuaas.test/gpuaas/operator/alice\x00k1"
+	if err := s.Update(ctx, func(tx store.Tx) error {
+		if err := tx.Put(store.BucketIdempotency, legacy, []byte("replaced")); err != nil {
+			return err
+		}
+		return tx.Put(store.BucketIdempotency, legacy[:len(legacy)-1]+"0", []byte("new"))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.View(ctx, func(tx store.Tx) error {
+		var got []string
+		err := tx.Scan(store.BucketIdempotency, "", false, func(k string, v []byte) error {
+			got = append(got, k[len(k)-2:]+"="+string(v))
+			return nil
+		})
+		if len(got) != 2 || got[0] != "k0=new" || got[1] != "k1=replaced" {
+			t.Errorf("idempotency records %q, want [k0=new k1=replaced]", got)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
 	s.Close()
 	// Opening an upgraded file again is a no-op.
 	s2, err := store.OpenBolt(path, store.BoltOptions{})
@@ -217,6 +241,27 @@ func TestBoltRefusesACorruptFileAndTouchesNothing(t *testing.T) {
 			t.Fatal(err)
 		}
 		refusedUntouched(t, path, store.ErrCorrupt)
+	})
+	t.Run("a damaged idempotency log record", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "badlog.db")
+		writeV1(t, path)
+		s, err := store.OpenBolt(path, store.BoltOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bolt.Tx) error {
+			return tx.Bucket([]byte("idempotency.log")).Put(be64(1), []byte{0x7f, 'x'}) // key length past the end
+		})
+		db.Close()
+		refusedUntouched(t, path, store.ErrCorrupt)
+		if _, err := store.OpenBoltReadOnly(path, 0); !errors.Is(err, store.ErrCorrupt) {
+			t.Errorf("read-only open = %v, want ErrCorrupt", err)
+		}
 	})
 	t.Run("a corrupt schema version", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "badversion.db")
