@@ -192,19 +192,10 @@ func OpenBoltReadOnly(path string, timeout time.Duration) (*Bolt, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, classifyOpenError(err))
 	}
-	var logs keyLogs
-	err = boltSafe(func() error {
-		return db.View(func(tx *bolt.Tx) error {
-			var err error
-			logs, err = loadKeyLogs(tx)
-			return err
-		})
-	})
-	if err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open store %s: %w", path, err)
-	}
-	return &Bolt{db: db, logs: logs, readOnly: true}, nil
+	// The directories are read when a transaction first reads their
+	// bucket: verifying the audit log neither waits for them nor
+	// depends on the idempotency records being intact.
+	return &Bolt{db: db, logs: lazyKeyLogs(), readOnly: true}, nil
 }
 
 func classifyOpenError(err error) error {
@@ -449,15 +440,25 @@ func (c *boltCall) call(tx boltTx) (err error) {
 	return c.fn(tx)
 }
 
-// update runs fn in one bbolt write transaction; what it added to the
-// logged buckets' directories is taken out again if it does not commit.
+// update runs fn in one bbolt write transaction. If fn fails (or does
+// not return), what it added to the logged buckets' directories is taken
+// out again. Not if the commit fails: bbolt may have written the meta
+// page before the failing sync, and then readers of the mmap see the
+// transaction, whose records must stay findable; entries for records a
+// failed commit did not make visible are harmless.
 func (b *Bolt) update(fn func(boltTx) error) error {
 	j := &logJournal{}
-	err := b.db.Update(func(tx *bolt.Tx) error { return fn(boltTx{tx: tx, logs: b.logs, journal: j}) })
-	if err != nil {
-		j.undo()
-	}
-	return err
+	fnOK := false
+	defer func() {
+		if !fnOK {
+			j.undo()
+		}
+	}()
+	return b.db.Update(func(tx *bolt.Tx) error {
+		err := fn(boltTx{tx: tx, logs: b.logs, journal: j})
+		fnOK = err == nil
+		return err
+	})
 }
 
 // commitGroup commits calls in one transaction, or, if one fails, that
@@ -549,7 +550,11 @@ func (t boltTx) Get(bucket, key string) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		if v := lt.get(key); v != nil {
+		v, err := lt.get(key)
+		if err != nil {
+			return nil, err
+		}
+		if v != nil {
 			return bytes.Clone(v), nil
 		}
 		return nil, notFound(bucket, key)

@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // A logged bucket is a bucket whose keys arrive in no order (the
@@ -27,9 +28,10 @@ import (
 // committed, or has deleted, or a hash collision, is harmless: a reader
 // of an older snapshot finds the record there, a newer one does not.
 // Entries are added while the writing transaction runs, before its
-// commit makes the record visible, and removed again if it rolls back;
-// sequences are never reused. Deleting a record leaves its entry until
-// the store is next opened (nothing deletes idempotency records today).
+// commit makes the record visible, and removed again if its functions
+// fail; sequences are not reused while the store is open. Deleting a
+// record leaves its entry until the store is next opened (nothing
+// deletes idempotency records today).
 //
 // Records a version 4 file holds stay in the bucket itself, keyed by
 // their key, and are read, overwritten and deleted there. The directory
@@ -39,6 +41,12 @@ type keyLog struct {
 	name string // the bucket as callers name it
 	log  []byte // the bbolt bucket holding the log
 	seed maphash.Seed
+
+	// A read-only open reads the directory when a transaction first
+	// reads the bucket (once: nothing writes the file meanwhile).
+	lazy    bool
+	once    sync.Once
+	loadErr error
 
 	mu sync.RWMutex
 	// one maps a key hash to its sequence; more, the hashes that have
@@ -54,28 +62,51 @@ var loggedBuckets = map[string]string{BucketIdempotency: BucketIdempotency + ".l
 // keyLogs are a store's logged buckets by name.
 type keyLogs map[string]*keyLog
 
-// loadKeyLogs reads every log of tx into a directory.
-func loadKeyLogs(tx *bolt.Tx) (keyLogs, error) {
+func newKeyLogs(lazy bool) keyLogs {
 	logs := keyLogs{}
 	for name, log := range loggedBuckets {
-		l := &keyLog{name: name, log: []byte(log), seed: maphash.MakeSeed(), one: map[uint64]uint64{}, next: 1}
-		if bk := tx.Bucket(l.log); bk != nil {
-			err := bk.ForEach(func(k, v []byte) error {
-				seq, key, _, err := decodeLogRecord(k, v)
-				if err != nil {
-					return fmt.Errorf("%w: bucket %s: %w", ErrCorrupt, log, err)
-				}
-				l.add(l.hash(key), seq)
-				l.next = max(l.next, seq+1)
-				return nil
-			})
-			if err != nil {
-				return nil, err
-			}
+		logs[name] = &keyLog{name: name, log: []byte(log), seed: maphash.MakeSeed(), one: map[uint64]uint64{}, next: 1, lazy: lazy}
+	}
+	return logs
+}
+
+// loadKeyLogs reads every log of tx into a directory.
+func loadKeyLogs(tx *bolt.Tx) (keyLogs, error) {
+	logs := newKeyLogs(false)
+	for _, l := range logs {
+		if err := l.load(tx); err != nil {
+			return nil, err
 		}
-		logs[name] = l
 	}
 	return logs, nil
+}
+
+// lazyKeyLogs are directories read on first use (read-only opens).
+func lazyKeyLogs() keyLogs { return newKeyLogs(true) }
+
+// load reads the log into the directory. A file of schema 5 or later
+// without its log is damaged; an older one has none yet.
+func (l *keyLog) load(tx *bolt.Tx) error {
+	bk := tx.Bucket(l.log)
+	if bk == nil {
+		if meta := tx.Bucket([]byte(BucketMeta)); meta != nil {
+			if v, err := storedVersion(meta); err != nil || v >= 5 {
+				return fmt.Errorf("%w: bucket %s missing at schema %d (%v)", ErrCorrupt, l.log, v, err)
+			}
+		}
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return bk.ForEach(func(k, v []byte) error {
+		seq, key, _, err := decodeLogRecord(k, v)
+		if err != nil {
+			return fmt.Errorf("%w: bucket %s: %w", ErrCorrupt, l.log, err)
+		}
+		l.add(l.hash(key), seq)
+		l.next = max(l.next, seq+1)
+		return nil
+	})
 }
 
 // A log record: the sequence, 8 bytes big-endian, as its bbolt key; the
@@ -192,6 +223,12 @@ func (t boltTx) logged(name string) (*logTx, error) {
 	if l == nil {
 		return nil, nil
 	}
+	if l.lazy {
+		l.once.Do(func() { l.loadErr = boltSafe(func() error { return l.load(t.tx) }) })
+		if l.loadErr != nil {
+			return nil, l.loadErr
+		}
+	}
 	lt := &logTx{l: l, log: t.tx.Bucket(l.log), keyed: t.tx.Bucket([]byte(name)), journal: t.journal}
 	if (lt.log == nil || lt.keyed == nil) && !t.lenient {
 		return nil, fmt.Errorf("%w: bucket %s or its log is missing", ErrCorrupt, name)
@@ -202,10 +239,10 @@ func (t boltTx) logged(name string) (*logTx, error) {
 	return lt, nil
 }
 
-// find returns the sequence and value of key in the log, or 0.
-func (t *logTx) find(key string) (uint64, []byte) {
+// find returns the sequence and value of key in the log, or 0 and nil.
+func (t *logTx) find(key string) (uint64, []byte, error) {
 	if t.log == nil {
-		return 0, nil
+		return 0, nil, nil
 	}
 	var buf [2]uint64
 	for _, seq := range t.l.places(maphash.String(t.l.seed, key), buf[:0]) {
@@ -215,38 +252,56 @@ func (t *logTx) find(key string) (uint64, []byte) {
 			continue
 		}
 		_, rk, rv, err := decodeLogRecord(k, v)
-		if err == nil && string(rk) == key {
-			return seq, rv
+		if err != nil {
+			return 0, nil, fmt.Errorf("%w: bucket %s: %w", ErrCorrupt, t.l.log, err)
+		}
+		if string(rk) == key {
+			return seq, rv, nil
 		}
 	}
-	return 0, nil
+	return 0, nil, nil
 }
 
-func (t *logTx) get(key string) []byte {
-	if _, v := t.find(key); v != nil {
-		return v
+func (t *logTx) get(key string) ([]byte, error) {
+	if _, v, err := t.find(key); v != nil || err != nil {
+		return v, err
 	}
 	if t.keyed != nil {
-		return t.keyed.Get([]byte(key))
+		return t.keyed.Get([]byte(key)), nil
 	}
-	return nil
+	return nil, nil
 }
 
 func (t *logTx) put(key string, value []byte) error {
-	if seq, v := t.find(key); v != nil {
+	// The keys bbolt refuses in its own buckets are refused here too.
+	switch {
+	case key == "":
+		return berrors.ErrKeyRequired
+	case len(key) > bolt.MaxKeySize:
+		return berrors.ErrKeyTooLarge
+	}
+	seq, v, err := t.find(key)
+	if err != nil {
+		return err
+	}
+	if v != nil {
 		return t.log.Put(binary.BigEndian.AppendUint64(nil, seq), encodeLogRecord(key, value))
 	}
 	if t.keyed.Get([]byte(key)) != nil {
 		return t.keyed.Put([]byte(key), bytes.Clone(value))
 	}
 	h := maphash.String(t.l.seed, key)
-	seq := t.l.allocate(h)
+	seq = t.l.allocate(h)
 	t.journal.added = append(t.journal.added, logAdd{t.l, h, seq})
 	return t.log.Put(binary.BigEndian.AppendUint64(nil, seq), encodeLogRecord(key, value))
 }
 
 func (t *logTx) delete(key string) error {
-	if seq, v := t.find(key); v != nil {
+	seq, v, err := t.find(key)
+	if err != nil {
+		return err
+	}
+	if v != nil {
 		return t.log.Delete(binary.BigEndian.AppendUint64(nil, seq))
 	}
 	return t.keyed.Delete([]byte(key))

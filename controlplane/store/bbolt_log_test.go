@@ -100,6 +100,12 @@ func TestLoggedBucketKeepsTheTxContract(t *testing.T) {
 		want[k] = fmt.Sprint("v", i)
 		order = append(order, k)
 	}
+	// The keys bbolt refuses in its own buckets.
+	for _, k := range []string{"", string(make([]byte, bolt.MaxKeySize+1))} {
+		if err := s.Update(ctx, func(tx Tx) error { return tx.Put(BucketIdempotency, k, []byte("v")) }); err == nil {
+			t.Errorf("a %d-byte key was accepted", len(k))
+		}
+	}
 	err := s.Update(ctx, func(tx Tx) error {
 		for _, k := range order {
 			if err := tx.Put(BucketIdempotency, k, []byte(want[k])); err != nil {

@@ -76,6 +76,43 @@ func writeV1(t testing.TB, path string) (lease []byte) {
 	return lease
 }
 
+// A read-only open (how evidence is read) of a file older than the
+// idempotency log reads its records where that version kept them, and
+// writes nothing.
+func TestBoltReadOnlyOpenOfAVersion1File(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v1.db")
+	writeV1(t, path)
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro, err := store.OpenBoltReadOnly(path, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = ro.View(context.Background(), func(tx store.Tx) error {
+		v, err := tx.Get(store.BucketIdempotency, "spiffe://gpuaas.test/gpuaas/operator/alice\x00k1")
+		if err != nil || !bytes.Contains(v, []byte("l-aaaaaaaaaaaaaaaaaaaa")) {
+			t.Errorf("idempotency record = %q, %v", v, err)
+		}
+		if _, err := tx.Get(store.BucketIdempotency, "spiffe://gpuaas.test/gpuaas/operator/alice\x00k2"); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("absent record = %v, want ErrNotFound", err)
+		}
+		return nil
+	})
+	ro.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(before, after) {
+		t.Fatal("a read-only open changed the file")
+	}
+}
+
 func TestBoltUpgradesAVersion1File(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "v1.db")
 	lease := writeV1(t, path)
@@ -259,9 +296,22 @@ func TestBoltRefusesACorruptFileAndTouchesNothing(t *testing.T) {
 		})
 		db.Close()
 		refusedUntouched(t, path, store.ErrCorrupt)
-		if _, err := store.OpenBoltReadOnly(path, 0); !errors.Is(err, store.ErrCorrupt) {
-			t.Errorf("read-only open = %v, want ErrCorrupt", err)
+		// Evidence is still readable (gpuaasctl audit verify opens the
+		// file read-only); the damaged bucket itself reads as corrupt.
+		ro, err := store.OpenBoltReadOnly(path, 0)
+		if err != nil {
+			t.Fatalf("read-only open: %v", err)
 		}
+		defer ro.Close()
+		ro.View(context.Background(), func(tx store.Tx) error {
+			if _, err := tx.Get(store.BucketAudit, "00000000000000000001"); err != nil {
+				t.Errorf("audit entry beside a damaged idempotency log: %v", err)
+			}
+			if _, err := tx.Get(store.BucketIdempotency, "spiffe://gpuaas.test/gpuaas/operator/alice\x00k1"); !errors.Is(err, store.ErrCorrupt) {
+				t.Errorf("idempotency read = %v, want ErrCorrupt", err)
+			}
+			return nil
+		})
 	})
 	t.Run("a corrupt schema version", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "badversion.db")
