@@ -293,27 +293,23 @@ func TestLoggedBucketReadersKeepTheirSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for k, w := range map[string]string{"c\x00kept": "old", "c\x00gone": "old", "c\x00born": ""} {
-		v, err := old.Get(BucketIdempotency, k)
-		if w == "" {
-			if !errors.Is(err, ErrNotFound) {
-				t.Errorf("old reader: %q = %q, %v; want not found", k, v, err)
-			}
-		} else if err != nil || string(v) != w {
-			t.Errorf("old reader: %q = %q, %v; want %q", k, v, err, w)
-		}
-	}
-	err = s.View(ctx, func(tx Tx) error {
-		for k, w := range map[string]string{"c\x00kept": "new", "c\x00gone": "", "c\x00born": "new"} {
+	// reads checks what a reader sees: "" for not found.
+	reads := func(who string, tx Tx, want map[string]string) {
+		t.Helper()
+		for k, w := range want {
 			v, err := tx.Get(BucketIdempotency, k)
 			if w == "" {
 				if !errors.Is(err, ErrNotFound) {
-					t.Errorf("new reader: %q = %q, %v; want not found", k, v, err)
+					t.Errorf("%s reader: %q = %q, %v; want not found", who, k, v, err)
 				}
 			} else if err != nil || string(v) != w {
-				t.Errorf("new reader: %q = %q, %v; want %q", k, v, err, w)
+				t.Errorf("%s reader: %q = %q, %v; want %q", who, k, v, err, w)
 			}
 		}
+	}
+	reads("old", old, map[string]string{"c\x00kept": "old", "c\x00gone": "old", "c\x00born": ""})
+	err = s.View(ctx, func(tx Tx) error {
+		reads("new", tx, map[string]string{"c\x00kept": "new", "c\x00gone": "", "c\x00born": "new"})
 		return nil
 	})
 	if err != nil {
