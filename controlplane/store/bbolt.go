@@ -195,7 +195,7 @@ func OpenBoltReadOnly(path string, timeout time.Duration) (*Bolt, error) {
 	// The directories are read when a transaction first reads their
 	// bucket: verifying the audit log neither waits for them nor
 	// depends on the idempotency records being intact.
-	return &Bolt{db: db, logs: lazyKeyLogs(), readOnly: true}, nil
+	return &Bolt{db: db, logs: newKeyLogs(true), readOnly: true}, nil
 }
 
 func classifyOpenError(err error) error {

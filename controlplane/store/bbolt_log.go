@@ -38,7 +38,6 @@ import (
 // is rebuilt from the log when the store opens: one read of every
 // record, ~24 bytes of memory each.
 type keyLog struct {
-	name string // the bucket as callers name it
 	log  []byte // the bbolt bucket holding the log
 	seed maphash.Seed
 
@@ -62,10 +61,12 @@ var loggedBuckets = map[string]string{BucketIdempotency: BucketIdempotency + ".l
 // keyLogs are a store's logged buckets by name.
 type keyLogs map[string]*keyLog
 
+// newKeyLogs are empty directories; lazy ones are read from the first
+// transaction that reads their bucket (read-only opens).
 func newKeyLogs(lazy bool) keyLogs {
 	logs := keyLogs{}
 	for name, log := range loggedBuckets {
-		logs[name] = &keyLog{name: name, log: []byte(log), seed: maphash.MakeSeed(), one: map[uint64]uint64{}, next: 1, lazy: lazy}
+		logs[name] = &keyLog{log: []byte(log), seed: maphash.MakeSeed(), one: map[uint64]uint64{}, next: 1, lazy: lazy}
 	}
 	return logs
 }
@@ -80,9 +81,6 @@ func loadKeyLogs(tx *bolt.Tx) (keyLogs, error) {
 	}
 	return logs, nil
 }
-
-// lazyKeyLogs are directories read on first use (read-only opens).
-func lazyKeyLogs() keyLogs { return newKeyLogs(true) }
 
 // load reads the log into the directory. A file of schema 5 or later
 // without its log is damaged; an older one has none yet.
