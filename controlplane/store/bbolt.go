@@ -546,7 +546,7 @@ var appendOrdered = map[string]bool{BucketAudit: true, BucketLedger: true, Bucke
 const appendFill = 0.9
 
 func (t boltTx) Get(bucket, key string) ([]byte, error) {
-	if lt, err := t.logged(bucket); lt != nil || err != nil {
+	if lt, ok, err := t.logged(bucket); ok || err != nil {
 		if err != nil {
 			return nil, err
 		}
@@ -577,7 +577,7 @@ func (t boltTx) Put(bucket, key string, value []byte) error {
 	if !t.tx.Writable() {
 		return ErrReadOnly
 	}
-	if lt, err := t.logged(bucket); lt != nil || err != nil {
+	if lt, ok, err := t.logged(bucket); ok || err != nil {
 		if err != nil {
 			return err
 		}
@@ -594,7 +594,7 @@ func (t boltTx) Delete(bucket, key string) error {
 	if !t.tx.Writable() {
 		return ErrReadOnly
 	}
-	if lt, err := t.logged(bucket); lt != nil || err != nil {
+	if lt, ok, err := t.logged(bucket); ok || err != nil {
 		if err != nil {
 			return err
 		}
@@ -608,7 +608,7 @@ func (t boltTx) Delete(bucket, key string) error {
 }
 
 func (t boltTx) Scan(bucket, prefix string, reverse bool, fn func(string, []byte) error) error {
-	if lt, err := t.logged(bucket); lt != nil || err != nil {
+	if lt, ok, err := t.logged(bucket); ok || err != nil {
 		if err != nil {
 			return err
 		}

@@ -55,6 +55,9 @@ type keyLog struct {
 	next uint64 // the next sequence to allocate
 }
 
+// logSchema is the schema version that added the logs.
+const logSchema = 5
+
 // loggedBuckets are the logged buckets and their logs' bbolt names.
 var loggedBuckets = map[string]string{BucketIdempotency: BucketIdempotency + ".log"}
 
@@ -87,12 +90,15 @@ func loadKeyLogs(tx *bolt.Tx) (keyLogs, error) {
 func (l *keyLog) load(tx *bolt.Tx) error {
 	bk := tx.Bucket(l.log)
 	if bk == nil {
-		if meta := tx.Bucket([]byte(BucketMeta)); meta != nil {
-			if v, err := storedVersion(meta); err != nil || v >= 5 {
-				return fmt.Errorf("%w: bucket %s missing at schema %d (%v)", ErrCorrupt, l.log, v, err)
-			}
+		meta := tx.Bucket([]byte(BucketMeta))
+		if meta == nil {
+			return nil
 		}
-		return nil
+		v, err := storedVersion(meta)
+		if err == nil && v >= logSchema {
+			err = fmt.Errorf("%w: bucket %s missing at schema %d", ErrCorrupt, l.log, v)
+		}
+		return err
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -121,14 +127,17 @@ func decodeLogRecord(k, v []byte) (seq uint64, key, value []byte, err error) {
 		return 0, nil, nil, fmt.Errorf("log key %x is not an 8-byte sequence", k)
 	}
 	n, w := binary.Uvarint(v)
-	var min [binary.MaxVarintLen64]byte
-	if w <= 0 || n > uint64(len(v)-w) || binary.PutUvarint(min[:], n) != w {
+	var canonical [binary.MaxVarintLen64]byte
+	if w <= 0 || n > uint64(len(v)-w) || binary.PutUvarint(canonical[:], n) != w {
 		return 0, nil, nil, fmt.Errorf("log record %d: bad key length", binary.BigEndian.Uint64(k))
 	}
 	return binary.BigEndian.Uint64(k), v[w : w+int(n)], v[w+int(n):], nil
 }
 
 func (l *keyLog) hash(key []byte) uint64 { return maphash.Bytes(l.seed, key) }
+
+// hashString is hash of a key held as a string (maphash hashes both alike).
+func (l *keyLog) hashString(key string) uint64 { return maphash.String(l.seed, key) }
 
 // add records seq as a place of hash h, newest first. Callers hold mu
 // (or own l alone).
@@ -216,34 +225,37 @@ type logTx struct {
 	journal *logJournal  // nil in a read-only transaction
 }
 
-func (t boltTx) logged(name string) (*logTx, error) {
+// logged is bucket name as a logged bucket in t; ok is false for the
+// other buckets.
+func (t boltTx) logged(name string) (lt logTx, ok bool, err error) {
 	l := t.logs[name]
 	if l == nil {
-		return nil, nil
+		return logTx{}, false, nil
 	}
 	if l.lazy {
 		l.once.Do(func() { l.loadErr = boltSafe(func() error { return l.load(t.tx) }) })
 		if l.loadErr != nil {
-			return nil, l.loadErr
+			return logTx{}, true, l.loadErr
 		}
 	}
-	lt := &logTx{l: l, log: t.tx.Bucket(l.log), keyed: t.tx.Bucket([]byte(name)), journal: t.journal}
+	lt = logTx{l: l, log: t.tx.Bucket(l.log), keyed: t.tx.Bucket([]byte(name)), journal: t.journal}
 	if (lt.log == nil || lt.keyed == nil) && !t.lenient {
-		return nil, fmt.Errorf("%w: bucket %s or its log is missing", ErrCorrupt, name)
+		return logTx{}, true, fmt.Errorf("%w: bucket %s or its log is missing", ErrCorrupt, name)
 	}
 	if lt.log != nil && t.tx.Writable() {
 		lt.log.FillPercent = appendFill
 	}
-	return lt, nil
+	return lt, true, nil
 }
 
-// find returns the sequence and value of key in the log, or 0 and nil.
-func (t *logTx) find(key string) (uint64, []byte, error) {
+// find returns the sequence and value of key (whose hash is h) in the
+// log, or 0 and nil.
+func (t logTx) find(key string, h uint64) (uint64, []byte, error) {
 	if t.log == nil {
 		return 0, nil, nil
 	}
 	var buf [2]uint64
-	for _, seq := range t.l.places(maphash.String(t.l.seed, key), buf[:0]) {
+	for _, seq := range t.l.places(h, buf[:0]) {
 		k := binary.BigEndian.AppendUint64(nil, seq)
 		v := t.log.Get(k)
 		if v == nil {
@@ -260,8 +272,8 @@ func (t *logTx) find(key string) (uint64, []byte, error) {
 	return 0, nil, nil
 }
 
-func (t *logTx) get(key string) ([]byte, error) {
-	if _, v, err := t.find(key); v != nil || err != nil {
+func (t logTx) get(key string) ([]byte, error) {
+	if _, v, err := t.find(key, t.l.hashString(key)); v != nil || err != nil {
 		return v, err
 	}
 	if t.keyed != nil {
@@ -270,7 +282,7 @@ func (t *logTx) get(key string) ([]byte, error) {
 	return nil, nil
 }
 
-func (t *logTx) put(key string, value []byte) error {
+func (t logTx) put(key string, value []byte) error {
 	// The keys bbolt refuses in its own buckets are refused here too.
 	switch {
 	case key == "":
@@ -278,7 +290,8 @@ func (t *logTx) put(key string, value []byte) error {
 	case len(key) > bolt.MaxKeySize:
 		return berrors.ErrKeyTooLarge
 	}
-	seq, v, err := t.find(key)
+	h := t.l.hashString(key)
+	seq, v, err := t.find(key, h)
 	if err != nil {
 		return err
 	}
@@ -288,14 +301,13 @@ func (t *logTx) put(key string, value []byte) error {
 	if t.keyed.Get([]byte(key)) != nil {
 		return t.keyed.Put([]byte(key), bytes.Clone(value))
 	}
-	h := maphash.String(t.l.seed, key)
 	seq = t.l.allocate(h)
 	t.journal.added = append(t.journal.added, logAdd{t.l, h, seq})
 	return t.log.Put(binary.BigEndian.AppendUint64(nil, seq), encodeLogRecord(key, value))
 }
 
-func (t *logTx) delete(key string) error {
-	seq, v, err := t.find(key)
+func (t logTx) delete(key string) error {
+	seq, v, err := t.find(key, t.l.hashString(key))
 	if err != nil {
 		return err
 	}
@@ -309,7 +321,7 @@ func (t *logTx) delete(key string) error {
 // keyed records with the prefix, and calls fn in key order. Nothing in
 // the daemon scans a logged bucket; it is here so that the bucket keeps
 // the Tx contract.
-func (t *logTx) scan(prefix string, reverse bool, fn func(string, []byte) error) error {
+func (t logTx) scan(prefix string, reverse bool, fn func(string, []byte) error) error {
 	type kv struct {
 		k string
 		v []byte

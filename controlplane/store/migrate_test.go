@@ -313,6 +313,35 @@ func TestBoltRefusesACorruptFileAndTouchesNothing(t *testing.T) {
 			return nil
 		})
 	})
+	t.Run("the idempotency log missing at schema 5", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "nolog.db")
+		writeV1(t, path)
+		s, err := store.OpenBolt(path, store.BoltOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Update(func(tx *bolt.Tx) error { return tx.DeleteBucket([]byte("idempotency.log")) }); err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
+		refusedUntouched(t, path, store.ErrCorrupt)
+		ro, err := store.OpenBoltReadOnly(path, 0)
+		if err != nil {
+			t.Fatalf("read-only open: %v", err)
+		}
+		defer ro.Close()
+		ro.View(context.Background(), func(tx store.Tx) error {
+			if _, err := tx.Get(store.BucketIdempotency, "spiffe://gpuaas.test/gpuaas/operator/alice\x00k1"); !errors.Is(err, store.ErrCorrupt) {
+				t.Errorf("idempotency read = %v, want ErrCorrupt (a schema 5 file without its log)", err)
+			}
+			return nil
+		})
+	})
 	t.Run("a corrupt schema version", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "badversion.db")
 		writeV1(t, path)
